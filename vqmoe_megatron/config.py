@@ -1,0 +1,329 @@
+"""Typed run configuration: dataclasses loaded from YAML, overridable from the command line.
+
+Every run (pretraining, fine-tuning, conversion) is described by one dataclass tree. A YAML file
+under version control gives the base values; ``section.key=value`` overrides on the command line
+replace single fields (values are parsed as YAML, so ``moe.topk=2``, ``train.lr=3e-4`` and
+``moe.z_loss_coeff=null`` all work). Unknown keys and values of the wrong type are refused with
+one message that names the setting, where it came from, and the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used; the message says which and why."""
+
+
+@dataclass
+class ModelConfig:
+    """The transformer trunk (megatron-core GPTModel)."""
+
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 8
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: int = 1024
+    """FFN width of the dense (non-MoE) layers."""
+    vocab_size: int = 32000
+    """Must equal the tokenizer's vocabulary size; checked against the data manifest."""
+    seq_length: int = 512
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
+    rotary_base: int = 10000
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    untie_embeddings_and_output_weights: bool = False
+    use_transformer_engine: Literal["auto", "never"] = "auto"
+    """'auto' uses Transformer Engine layer specs when TE is importable and CUDA is present."""
+
+
+@dataclass
+class MoEConfig:
+    """VQMoE layers (METHOD.md) and the router baselines used for comparison."""
+
+    num_experts: int = 16
+    expert_ffn_hidden_size: int = 512
+    layer_freq: int = 1
+    """Every ``layer_freq``-th layer is an MoE layer (1: all layers), counting from the first."""
+    router: Literal["vqmoe", "topk"] = "vqmoe"
+    """'vqmoe': the two-path VQMoE router; 'topk': megatron-core's TopKRouter (SMoE baseline)."""
+    routing_mode: Literal["pretrain", "discrete"] = "pretrain"
+    """'pretrain': router + VQ paths mixed by the gate; 'discrete': nearest code only."""
+    topk: int = 1
+    """Experts per token on the continuous (router) path."""
+    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    capacity_factor: Optional[float] = None
+    """None: dropless. Only the continuous path is capacity-limited."""
+
+    # Continuous router.
+    pre_softmax: bool = True
+    """Softmax over all experts before top-k, so a top-1 router still gets a gradient."""
+    aux_loss_coeff: float = 0.01
+    """lambda_bal: Switch load-balancing loss weight (per layer)."""
+    z_loss_coeff: Optional[float] = None
+    reference_router: bool = False
+    """Reproduce the reference code: softmax over the selected logits only and no balance loss."""
+    router_dtype: Literal["fp32", "fp64"] = "fp32"
+
+    # Discrete (vector-quantized) path.
+    num_codes: Optional[int] = None
+    """Codebook size K (default: num_experts). Code j serves expert j mod E."""
+    distance: Literal["l2", "cosine"] = "l2"
+    expert_input: Literal["paper", "token", "quantized"] = "paper"
+    """What the discrete expert sees: paper ((1-rho)x + rho*sg(q-x)), token (x), quantized (STE)."""
+    contrib_rate: float = 0.05
+    """rho of the 'paper' expert input."""
+    discrete_layernorm: bool = False
+    """Wrap the discrete expert as LN(FFN(LN(x_d))) like the post-LN reference code."""
+    vq_loss_coeff: float = 0.08
+    """beta_vq: weight of the VQ loss (per layer)."""
+    commitment_cost: float = 0.25
+    codebook_init: Literal["normal", "kmeans"] = "normal"
+    codebook_init_std: float = 0.02
+    kmeans_iters: int = 10
+    codebook_update: Literal["gradient", "ema"] = "gradient"
+    ema_decay: float = 0.99
+    dead_code_interval: int = 100
+    """Optimizer steps between dead-code restarts (0 disables restarts)."""
+    dead_code_threshold: float = 1e-3
+    """A code is dead when it received less than this fraction of its fair share of tokens."""
+    train_codebook_in_discrete: bool = False
+    """Keep learning the codebook in discrete mode (frozen by default)."""
+    vq_loss_in_discrete: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    """Model parallel layout; data parallelism is whatever is left of the world size."""
+
+    tensor_parallel: int = 1
+    expert_parallel: int = 1
+    sequence_parallel: Optional[bool] = None
+    """Defaults to True whenever tensor_parallel > 1 (megatron requires it for MoE training)."""
+
+
+@dataclass
+class DataConfig:
+    """WebDataset shards written by ``data_tools/shard.py``."""
+
+    data_dir: Optional[str] = None
+    micro_batch_size: int = 8
+    num_workers: int = 1
+    seed: int = 1234
+    shuffle_buffer: int = 1000
+    verify_checksums: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, DeepSpeed engine, checkpointing and logging."""
+
+    output_dir: str = "runs/default"
+    seed: int = 1234
+    steps: int = 1000
+    lr: float = 3.5e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 0.25
+    gradient_accumulation_steps: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: int = 2
+    deepspeed_config: Optional[str] = None
+    """Optional DeepSpeed JSON whose entries override the ones derived from this config."""
+    log_interval: int = 10
+    eval_interval: int = 200
+    eval_batches: Optional[int] = 20
+    """Valid micro-batches per evaluation (None: the whole valid split)."""
+    save_interval: int = 500
+    keep_last: int = 3
+    max_nonfinite_steps: int = 5
+    """Abort after this many consecutive non-finite losses (the last good checkpoint stays)."""
+    tensorboard: bool = True
+    dead_code_warn_fraction: float = 0.25
+    imbalance_warn_ratio: float = 4.0
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _close_match(name: str, options: Sequence[str]) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(options)}"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int -> float is allowed)."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported annotation {tp!r}")
+
+
+def from_dict(cls: type[T], data: dict, source: str = "config", prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict, refusing unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{source}: '{prefix}{key}'"
+        if key not in names:
+            raise ConfigError(f"{where} is not a setting of {cls.__name__}{_close_match(key, names)}")
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            kwargs[key] = from_dict(tp, value, source, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, where)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config dataclass (for YAML, JSON and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """Turn ``["moe.topk=2", "train.lr=1e-3"]`` into a nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override '{item}' must look like section.key=value (for example moe.topk=2)"
+            )
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from exc
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge; ``update`` wins."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: Union[str, Path]) -> dict:
+    """Read a YAML mapping, with one clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(
+    cls: type[T], path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()
+) -> T:
+    """Load ``cls`` from an optional YAML file plus ``key=value`` overrides."""
+    data = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
+    try:
+        return from_dict(cls, merge(data, parse_overrides(overrides)), source)
+    except TypeError as exc:  # a dataclass __post_init__ or missing required field
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def dump_yaml(cfg: Any, path: Union[str, Path]) -> None:
+    """Write the resolved config next to a run's outputs (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
