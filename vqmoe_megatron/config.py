@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, TypeVar, Union
+from typing import Any, Literal, Optional, TypeVar, Union
 
 import yaml
 
@@ -240,7 +241,9 @@ def from_dict(cls: type[T], data: dict, source: str = "config", prefix: str = ""
     for key, value in data.items():
         where = f"{source}: '{prefix}{key}'"
         if key not in names:
-            raise ConfigError(f"{where} is not a setting of {cls.__name__}{_close_match(key, names)}")
+            raise ConfigError(
+                f"{where} is not a setting of {cls.__name__}{_close_match(key, names)}"
+            )
         tp = hints[key]
         if _is_dataclass_type(tp):
             kwargs[key] = from_dict(tp, value, source, f"{prefix}{key}.")

@@ -1,0 +1,168 @@
+"""Shared test helpers: tiny configs, a stand-alone VQMoE layer, and the naive float64 reference.
+
+The reference is deliberately naive (ScatterMoE's ``dumb_forward`` style): a Python loop over
+tokens that evaluates METHOD.md's equations with separate float64 leaf tensors, so that the
+fused megatron path can be checked for its output and every gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.spec_utils import build_module
+
+from vqmoe_megatron.config import ModelConfig, MoEConfig, ParallelConfig
+from vqmoe_megatron.distributed import init_distributed
+from vqmoe_megatron.model import _layer_spec, build_transformer_config
+
+TINY_MODEL = ModelConfig(
+    num_layers=2,
+    hidden_size=16,
+    num_attention_heads=2,
+    ffn_hidden_size=32,
+    vocab_size=64,
+    seq_length=8,
+)
+TINY_MOE = MoEConfig(num_experts=4, expert_ffn_hidden_size=24, topk=1, router_dtype="fp64")
+
+
+def init_single_process(seed: int = 1234) -> None:
+    """Initialise a world of one process (idempotent) and unit aux-loss scale."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        init_distributed(1, 1, seed=seed)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+
+
+def build_moe_layer(moe: MoEConfig, model: ModelConfig = TINY_MODEL, seed: int = 7):
+    """A stand-alone MoE layer (layer number 1) for the current parallel state."""
+    config = build_transformer_config(model, moe, ParallelConfig(), seed=seed)
+    spec = _layer_spec(config, moe=True, use_te=False).submodules.mlp
+    layer = build_module(spec, config=config)
+    layer.set_layer_number(1)
+    layer.reset_parameters(seed)
+    return layer
+
+
+@dataclass
+class NaiveParams:
+    """float64 leaf copies of a layer's parameters (None where the layer has none)."""
+
+    fc1: list[torch.Tensor]
+    fc2: list[torch.Tensor]
+    codebook: torch.Tensor
+    router: Optional[torch.Tensor]
+    gate_w: Optional[torch.Tensor]
+    gate_b: Optional[torch.Tensor]
+    ln_in: Optional[tuple[torch.Tensor, torch.Tensor]]
+    ln_out: Optional[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    """float64 copy that requires grad exactly when the layer's tensor does (frozen codebooks)."""
+    return t.detach().double().clone().requires_grad_(t.requires_grad)
+
+
+def naive_params(layer) -> NaiveParams:
+    """Copy a single-rank VQMoE layer's parameters into float64 leaves."""
+    router = layer.router
+    experts = layer.experts.local_experts
+    ln = lambda m: None if m is None else (_leaf(m.weight), _leaf(m.bias))  # noqa: E731
+    return NaiveParams(
+        fc1=[_leaf(e.linear_fc1.weight) for e in experts],
+        fc2=[_leaf(e.linear_fc2.weight) for e in experts],
+        codebook=_leaf(router.quantizer.codebook),
+        router=None if router.continuous is None else _leaf(router.continuous.weight),
+        gate_w=None if router.gate is None else _leaf(router.gate.linear.weight),
+        gate_b=None if router.gate is None else _leaf(router.gate.linear.bias),
+        ln_in=ln(router.discrete_norm_in),
+        ln_out=ln(router.discrete_norm_out),
+    )
+
+
+def _ffn(p: NaiveParams, expert: int, x: torch.Tensor) -> torch.Tensor:
+    return p.fc2[expert] @ F.gelu(p.fc1[expert] @ x)
+
+
+def _layer_norm(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), wb[0], wb[1], eps=1e-5)
+
+
+def naive_vqmoe(
+    x: torch.Tensor, p: NaiveParams, moe: MoEConfig, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loop: returns (y [T, H], the coefficient-weighted VQ + balance loss)."""
+    num_experts = len(p.fc1)
+    codes, vq_terms, outputs, router_scores, router_top = [], [], [], [], []
+    for t in range(x.shape[0]):
+        xt = x[t]
+        if moe.distance == "cosine":
+            dist = -(F.normalize(xt, dim=0) @ F.normalize(p.codebook, dim=1).t())
+        else:
+            dist = ((xt.detach() - p.codebook.detach()) ** 2).sum(dim=1)
+        k = int(dist.argmin())
+        codes.append(k)
+        c = p.codebook[k]
+        if moe.distance == "cosine":
+            xn, cn = F.normalize(xt, dim=0), F.normalize(c, dim=0)
+            vq_terms.append(
+                ((xn.detach() - cn) ** 2).mean()
+                + moe.commitment_cost * ((xn - cn.detach()) ** 2).mean()
+            )
+            q = cn * xt.detach().norm()
+        else:
+            vq_terms.append(
+                ((xt.detach() - c) ** 2).mean()
+                + moe.commitment_cost * ((xt - c.detach()) ** 2).mean()
+            )
+            q = c
+        if moe.expert_input == "token":
+            x_d = xt
+        elif moe.expert_input == "quantized":
+            x_d = xt + (q - xt).detach()
+        else:
+            x_d = (1 - moe.contrib_rate) * xt + moe.contrib_rate * (q - xt).detach()
+        if p.ln_in is not None:
+            x_d = _layer_norm(x_d, p.ln_in)
+        y_d = _ffn(p, k % num_experts, x_d)
+        if p.ln_out is not None:
+            y_d = _layer_norm(y_d, p.ln_out)
+        if mode == "discrete":
+            outputs.append(y_d)
+            continue
+        logits = p.router @ xt
+        if moe.reference_router:
+            top = torch.topk(logits, moe.topk).indices
+            weights = torch.softmax(logits[top], dim=0)
+        else:
+            scores = torch.softmax(logits, dim=0)
+            weights, top = torch.topk(scores, moe.topk)
+            router_scores.append(scores)
+            router_top.append(top)
+        y_c = sum(w * _ffn(p, int(e), xt) for w, e in zip(weights, top))
+        g = torch.softmax(p.gate_w @ xt + p.gate_b, dim=0)
+        outputs.append(g[0] * y_c + g[1] * y_d)
+    y = torch.stack(outputs)
+    losses = moe.vq_loss_coeff * torch.stack(vq_terms).mean()
+    if mode == "discrete" and not moe.vq_loss_in_discrete:
+        losses = losses * 0
+    if router_scores and moe.aux_loss_coeff > 0:
+        tokens = x.shape[0]
+        counts = torch.zeros(num_experts, dtype=torch.float64)
+        for top in router_top:
+            counts[top] += 1
+        prob_sums = torch.stack(router_scores).sum(dim=0)
+        losses = losses + (prob_sums * counts).sum() * (
+            num_experts * moe.aux_loss_coeff / (moe.topk * tokens * tokens)
+        )
+    return y, losses
+
+
+def moe_variant(**overrides) -> MoEConfig:
+    """TINY_MOE with overrides."""
+    return replace(TINY_MOE, **overrides)

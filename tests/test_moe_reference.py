@@ -1,0 +1,140 @@
+"""The fused VQMoE layer against a naive float64 per-token reference: output and every gradient.
+
+Grid: both routing modes x the three expert inputs x top-k 1/2 x K = E and K = 2E, plus discrete
+layer norms, cosine distance and the reference router flag. Tolerances are loose enough for
+megatron's fp32 softmax inside the router (1e-7 relative) and tight enough to catch any
+structural error (those are O(1)).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from moe_helpers import build_moe_layer, init_single_process, moe_variant, naive_params, naive_vqmoe
+
+from vqmoe_megatron.moe import metrics
+
+TOKENS_S, TOKENS_B = 12, 3
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_process():
+    init_single_process()
+
+
+def _run_layer(layer, x: torch.Tensor, proj: torch.Tensor):
+    """Forward the layer on ``x`` [S, B, H] (float64), backprop sum(y * proj); return y [T, H]."""
+    x = x.clone().requires_grad_(True)
+    y, bias = layer(x)
+    assert bias is None
+    (y * proj).sum().backward()
+    return y.reshape(-1, y.shape[-1]), x.grad.reshape(-1, x.shape[-1])
+
+
+def _compare(layer, moe, mode: str, seed: int = 0):
+    torch.manual_seed(seed)
+    hidden = layer.config.hidden_size
+    x = torch.randn(TOKENS_S, TOKENS_B, hidden, dtype=torch.float64)
+    proj = torch.randn(TOKENS_S, TOKENS_B, hidden, dtype=torch.float64)
+    layer.double().train()
+    ref = naive_params(layer)
+    y, x_grad = _run_layer(layer, x, proj)
+
+    x_ref = x.reshape(-1, hidden).clone().requires_grad_(True)
+    y_ref, losses = naive_vqmoe(x_ref, ref, moe, mode)
+    ((y_ref * proj.reshape(-1, hidden)).sum() + losses).backward()
+
+    torch.testing.assert_close(y, y_ref.detach(), **TOL)
+    torch.testing.assert_close(x_grad, x_ref.grad, **TOL)
+    router = layer.router
+    pairs = [(router.quantizer.codebook, ref.codebook)]
+    for i, expert in enumerate(layer.experts.local_experts):
+        pairs += [(expert.linear_fc1.weight, ref.fc1[i]), (expert.linear_fc2.weight, ref.fc2[i])]
+    if mode == "pretrain":
+        pairs += [
+            (router.continuous.weight, ref.router),
+            (router.gate.linear.weight, ref.gate_w),
+            (router.gate.linear.bias, ref.gate_b),
+        ]
+    if ref.ln_in is not None:
+        pairs += [
+            (router.discrete_norm_in.weight, ref.ln_in[0]),
+            (router.discrete_norm_in.bias, ref.ln_in[1]),
+            (router.discrete_norm_out.weight, ref.ln_out[0]),
+            (router.discrete_norm_out.bias, ref.ln_out[1]),
+        ]
+    for param, leaf in pairs:
+        assert param.requires_grad == leaf.requires_grad
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, leaf.grad, **TOL)
+    metrics.reset()
+
+
+GRID = list(
+    itertools.product(["pretrain", "discrete"], ["paper", "token", "quantized"], [1, 2], [1, 2])
+)
+
+
+@pytest.mark.parametrize("mode,expert_input,topk,codes_per_expert", GRID)
+def test_layer_matches_naive_reference(mode, expert_input, topk, codes_per_expert):
+    moe = moe_variant(
+        routing_mode=mode,
+        expert_input=expert_input,
+        topk=topk,
+        num_codes=4 * codes_per_expert,
+    )
+    _compare(build_moe_layer(moe), moe, mode)
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "discrete"])
+def test_discrete_layernorm_matches_reference(mode):
+    moe = moe_variant(routing_mode=mode, discrete_layernorm=True, topk=2)
+    _compare(build_moe_layer(moe), moe, mode)
+
+
+@pytest.mark.parametrize("expert_input", ["paper", "token"])
+def test_cosine_distance_matches_reference(expert_input):
+    moe = moe_variant(distance="cosine", expert_input=expert_input, num_codes=8)
+    _compare(build_moe_layer(moe), moe, "pretrain")
+
+
+def test_reference_router_flag_matches_reference():
+    moe = moe_variant(reference_router=True)
+    _compare(build_moe_layer(moe), moe, "pretrain")
+
+
+def test_token_mode_merges_rows_when_paths_agree():
+    """x_d = x: one stream; a token whose router and VQ experts coincide routes ONE row whose
+    weight is g_c * w + g_d."""
+    moe = moe_variant(expert_input="token", topk=1)
+    layer = build_moe_layer(moe).double()
+    torch.manual_seed(3)
+    x = torch.randn(TOKENS_S, TOKENS_B, layer.config.hidden_size, dtype=torch.float64)
+    plan = layer.router(x)
+    assert plan.num_streams == 1 and plan.hidden is x
+    rows_per_token = plan.routing_map.sum(dim=1)
+    assert set(rows_per_token.tolist()) == {1, 2}, "must exercise merged and unmerged tokens"
+    flat = x.reshape(-1, x.shape[-1])
+    gate = layer.router.gate(flat)
+    router_weight = torch.softmax(flat @ layer.router.continuous.weight.t(), dim=-1).max(dim=-1)
+    expected_total = gate[:, 0] * router_weight.values + gate[:, 1]
+    torch.testing.assert_close(plan.probs.sum(dim=1), expected_total, **TOL)
+    merged = rows_per_token == 1
+    torch.testing.assert_close(plan.probs[merged].max(dim=1).values, expected_total[merged], **TOL)
+    metrics.reset()
+
+
+def test_stacked_streams_dispatch_k_plus_one_rows():
+    moe = moe_variant(expert_input="paper", topk=2)
+    layer = build_moe_layer(moe).double()
+    x = torch.randn(TOKENS_S, TOKENS_B, layer.config.hidden_size, dtype=torch.float64)
+    plan = layer.router(x)
+    tokens = TOKENS_S * TOKENS_B
+    assert plan.num_streams == 2
+    assert plan.hidden.shape == (2 * TOKENS_S, TOKENS_B, layer.config.hidden_size)
+    assert plan.num_rows == tokens * 3 == int(plan.routing_map.sum())
+    assert plan.routing_map[tokens:].sum(dim=1).eq(1).all()
+    metrics.reset()

@@ -1,0 +1,279 @@
+"""Builds the megatron-core GPTModel with VQMoE layers from the typed run configuration.
+
+One code path for every device: on CUDA with Transformer Engine installed the layers use TE's
+specs (fused norms, grouped expert GEMMs); otherwise megatron's local spec with the portable
+swaps of :mod:`vqmoe_megatron.compat` (SDPA attention, sequence-parallel torch norms). The MoE
+slot of every ``moe.layer_freq``-th layer holds a :class:`~vqmoe_megatron.moe.VQMoELayer`
+(``moe.router: vqmoe``) or megatron's TopKRouter layer (``moe.router: topk``, the SMoE baseline).
+
+Initialisation is layout-independent: dense weights use megatron's CPU initialisation (a full
+master weight sliced per TP rank) and MoE weights are drawn per (layer, global expert), so the
+same seed gives the same model at every TP/EP layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from vqmoe_megatron.compat import DeviceSafeRotaryEmbedding, SDPACoreAttention, SPTorchNorm
+from vqmoe_megatron.config import ModelConfig, MoEConfig, ParallelConfig
+from vqmoe_megatron.moe import (
+    CodeRestart,
+    ContinuousRouter,
+    PortableMoELayer,
+    VQMoELayer,
+    VQMoERouter,
+    VQMoETransformerConfig,
+)
+
+VOCAB_DIVISIBLE_BY = 128
+
+logger = logging.getLogger(__name__)
+
+
+class _UnknownMlpTypeFilter(logging.Filter):
+    """TransformerLayer warns about MoE layer subclasses (it checks the exact class); drop that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_UnknownMlpTypeFilter())
+
+
+def transformer_engine_available() -> bool:
+    """Whether Transformer Engine can be used (importable and CUDA present)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
+    """Vocabulary padded to a multiple of 128 * TP (megatron's convention); pads are never targets."""
+    multiple = VOCAB_DIVISIBLE_BY * tensor_parallel
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def is_moe_layer(layer_index: int, moe: MoEConfig) -> bool:
+    """Whether 0-based layer ``layer_index`` is an MoE layer (every ``layer_freq``-th)."""
+    return moe.num_experts > 0 and layer_index % moe.layer_freq == 0
+
+
+def use_transformer_engine(model: ModelConfig) -> bool:
+    """Whether this run builds Transformer Engine layers."""
+    return model.use_transformer_engine == "auto" and transformer_engine_available()
+
+
+def build_transformer_config(
+    model: ModelConfig,
+    moe: MoEConfig,
+    parallel: ParallelConfig,
+    *,
+    seed: int,
+    recompute: bool = False,
+) -> VQMoETransformerConfig:
+    """megatron TransformerConfig (+ vqmoe_* fields) for this run. Parameters are built in fp32;
+    DeepSpeed casts them for bf16 training."""
+    tp = parallel.tensor_parallel
+    sequence_parallel = (
+        parallel.sequence_parallel if parallel.sequence_parallel is not None else tp > 1
+    )
+    use_te = use_transformer_engine(model)
+    swiglu = model.activation == "swiglu"
+    reference = moe.reference_router
+    return VQMoETransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization=model.normalization,
+        activation_func=F.silu if swiglu else F.gelu,
+        gated_linear_unit=swiglu,
+        add_bias_linear=False,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        expert_model_parallel_size=parallel.expert_parallel,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=False,
+        num_moe_experts=moe.num_experts if moe.num_experts > 0 else None,
+        moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
+        moe_router_topk=moe.topk,
+        moe_router_pre_softmax=moe.pre_softmax,
+        moe_router_load_balancing_type="none"
+        if reference or moe.aux_loss_coeff == 0
+        else "aux_loss",
+        moe_aux_loss_coeff=0.0 if reference else moe.aux_loss_coeff,
+        moe_z_loss_coeff=moe.z_loss_coeff,
+        moe_router_dtype=moe.router_dtype,
+        moe_token_dispatcher_type=moe.token_dispatcher,
+        moe_expert_capacity_factor=moe.capacity_factor,
+        moe_grouped_gemm=use_te,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        vqmoe_router=moe.router,
+        vqmoe_reference_router=reference,
+        vqmoe_routing_mode=moe.routing_mode,
+        vqmoe_num_codes=moe.num_codes,
+        vqmoe_distance=moe.distance,
+        vqmoe_expert_input=moe.expert_input,
+        vqmoe_contrib_rate=moe.contrib_rate,
+        vqmoe_discrete_layernorm=moe.discrete_layernorm,
+        vqmoe_loss_coeff=moe.vq_loss_coeff,
+        vqmoe_commitment_cost=moe.commitment_cost,
+        vqmoe_codebook_init=moe.codebook_init,
+        vqmoe_codebook_init_std=moe.codebook_init_std,
+        vqmoe_kmeans_iters=moe.kmeans_iters,
+        vqmoe_codebook_update=moe.codebook_update,
+        vqmoe_ema_decay=moe.ema_decay,
+        vqmoe_dead_code_interval=moe.dead_code_interval,
+        vqmoe_dead_code_threshold=moe.dead_code_threshold,
+        vqmoe_train_codebook_in_discrete=moe.train_codebook_in_discrete,
+        vqmoe_loss_in_discrete=moe.vq_loss_in_discrete,
+        vqmoe_init_seed=seed,
+    )
+
+
+def _layer_spec(config: VQMoETransformerConfig, moe: bool, use_te: bool) -> ModuleSpec:
+    """One transformer layer spec: TE on CUDA when available, else the portable local spec."""
+    num_experts = config.num_moe_experts if moe else None
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        spec = copy.deepcopy(
+            get_gpt_layer_with_transformer_engine_spec(
+                num_experts=num_experts, moe_grouped_gemm=moe
+            )
+        )
+    else:
+        spec = copy.deepcopy(
+            get_gpt_layer_local_spec(num_experts=num_experts, normalization=config.normalization)
+        )
+        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+        spec.submodules.input_layernorm = SPTorchNorm
+        spec.submodules.pre_mlp_layernorm = SPTorchNorm
+    if moe:
+        vq = config.vqmoe_router == "vqmoe"
+        spec.submodules.mlp.module = VQMoELayer if vq else PortableMoELayer
+        spec.submodules.mlp.submodules.router = VQMoERouter if vq else ContinuousRouter
+    return spec
+
+
+def build_block_spec(
+    config: VQMoETransformerConfig, moe: MoEConfig, use_te: bool
+) -> TransformerBlockSubmodules:
+    """Layer specs for the whole decoder (MoE every ``moe.layer_freq``-th layer)."""
+    specs = [_layer_spec(config, is_moe_layer(i, moe), use_te) for i in range(config.num_layers)]
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    else:
+        final_norm = SPTorchNorm
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
+
+
+class VQMoEGPTModel(GPTModel):
+    """megatron-core GPTModel with VQMoE helpers (routing mode, codebook upkeep, MoE layers)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        rope = getattr(self, "rotary_pos_emb", None)
+        if type(rope) is RotaryEmbedding:
+            rope.__class__ = DeviceSafeRotaryEmbedding
+
+    def moe_layers(self) -> list[PortableMoELayer]:
+        """The MoE layers, in depth order."""
+        return [m for m in self.modules() if isinstance(m, PortableMoELayer)]
+
+    def vq_layers(self) -> list[VQMoELayer]:
+        """The VQMoE layers, in depth order."""
+        return [m for m in self.modules() if isinstance(m, VQMoELayer)]
+
+    @property
+    def routing_mode(self) -> Optional[str]:
+        """'pretrain' / 'discrete' for VQMoE models, None for models without VQMoE layers."""
+        layers = self.vq_layers()
+        return layers[0].routing_mode if layers else None
+
+    def set_routing_mode(self, mode: str) -> None:
+        """Switch every VQMoE layer; 'discrete' drops routers and gates (before the optimizer)."""
+        for layer in self.vq_layers():
+            layer.set_routing_mode(mode)
+        self.config.vqmoe_routing_mode = mode
+
+    def reset_moe_parameters(self, seed: int) -> None:
+        """Layout-independent initialisation of every MoE layer's parameters."""
+        for layer in self.moe_layers():
+            layer.reset_parameters(seed)
+
+    def maintain_codebooks(self, step: int, seed: int) -> dict[int, CodeRestart]:
+        """Per-optimizer-step codebook upkeep of every VQMoE layer; returns restarts by layer."""
+        restarts = {}
+        for layer in self.vq_layers():
+            restart = layer.maintain_codebook(step, seed)
+            if restart is not None:
+                restarts[layer.layer_number] = restart
+        return restarts
+
+
+def build_model(
+    model: ModelConfig,
+    moe: MoEConfig,
+    parallel: ParallelConfig,
+    *,
+    seed: int,
+    recompute: bool = False,
+) -> VQMoEGPTModel:
+    """Build the model for the current megatron parallel state (call after initialisation).
+
+    The global torch RNG is seeded with ``seed`` so that megatron's CPU initialisation draws the
+    same dense weights on every rank and at every layout.
+    """
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError(
+            "initialise megatron's parallel state first (vqmoe_megatron.distributed)"
+        )
+    config = build_transformer_config(model, moe, parallel, seed=seed, recompute=recompute)
+    torch.manual_seed(seed)
+    gpt = VQMoEGPTModel(
+        config=config,
+        transformer_layer_spec=build_block_spec(config, moe, use_transformer_engine(model)),
+        vocab_size=padded_vocab_size(model.vocab_size, parallel.tensor_parallel),
+        max_sequence_length=model.seq_length,
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        position_embedding_type=model.position_embedding_type,
+        rotary_base=model.rotary_base,
+    )
+    gpt.reset_moe_parameters(seed)
+    return gpt

@@ -1,0 +1,22 @@
+"""VQMoE layers for megatron-core, one concern per module.
+
+``vq`` (codebook) -> ``router`` (continuous router, VQ routing, gate -> RoutingPlan) ->
+``dispatcher`` (portable all-to-all) -> megatron experts -> ``layer`` (fused dispatch/combine);
+``metrics`` collects per-layer routing statistics; ``transformer_config`` carries the settings.
+"""
+
+from vqmoe_megatron.moe.layer import PortableMoELayer, VQMoELayer
+from vqmoe_megatron.moe.router import ContinuousRouter, RoutingPlan, VQMoERouter
+from vqmoe_megatron.moe.transformer_config import VQMoETransformerConfig
+from vqmoe_megatron.moe.vq import CodeRestart, VectorQuantizer
+
+__all__ = [
+    "CodeRestart",
+    "ContinuousRouter",
+    "PortableMoELayer",
+    "RoutingPlan",
+    "VQMoELayer",
+    "VQMoERouter",
+    "VQMoETransformerConfig",
+    "VectorQuantizer",
+]

@@ -1,0 +1,182 @@
+"""MoE layers: megatron's MoELayer made portable, and the fused two-path VQMoE layer.
+
+``PortableMoELayer`` is megatron-core's ``MoELayer`` with two changes: the all-to-all dispatcher
+runs without CUDA (``dispatcher.PortableAlltoAllTokenDispatcher``), and every MoE parameter is
+drawn from a seed derived from (layer, global expert id), so a model has the same weights at any
+expert- or tensor-parallel layout (megatron's CPU init gives every EP rank the same experts).
+
+``VQMoELayer`` routes with :class:`router.VQMoERouter` and dispatches both routing paths in one
+permutation / one all-to-all / one combine: route -> dispatch -> experts -> combine -> sum of the
+plan's streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Optional
+
+import torch
+from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
+
+from vqmoe_megatron.moe.dispatcher import (
+    COUNT_ROWS,
+    PortableAlltoAllTokenDispatcher,
+    allow_alltoall_dispatcher_without_cuda,
+)
+from vqmoe_megatron.moe.router import VQMoERouter
+from vqmoe_megatron.moe.transformer_config import VQMoETransformerConfig
+from vqmoe_megatron.moe.vq import CodeRestart
+
+
+def derived_generator(*keys: object) -> torch.Generator:
+    """A CPU generator seeded by a stable hash of ``keys`` (independent of layout and order)."""
+    digest = hashlib.sha256(repr(keys).encode()).hexdigest()
+    generator = torch.Generator()
+    generator.manual_seed(int(digest[:15], 16))
+    return generator
+
+
+def _expert_weight_params(experts: torch.nn.Module, local_idx: int) -> list:
+    """(fc1 weight, fc2 weight) of local expert ``local_idx`` for SequentialMLP / TEGroupedMLP."""
+    if hasattr(experts, "local_experts"):
+        expert = experts.local_experts[local_idx]
+        return [expert.linear_fc1.weight, expert.linear_fc2.weight]
+    return [
+        getattr(experts.linear_fc1, f"weight{local_idx}"),
+        getattr(experts.linear_fc2, f"weight{local_idx}"),
+    ]
+
+
+class PortableMoELayer(MoELayer):
+    """megatron MoELayer with a device-portable all-to-all dispatcher and layout-independent init."""
+
+    def __init__(
+        self,
+        config: VQMoETransformerConfig,
+        submodules: Optional[MoESubmodules] = None,
+        layer_number: Optional[int] = None,
+        pg_collection=None,
+    ) -> None:
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        allow_alltoall_dispatcher_without_cuda()  # MoELayer.__init__ builds the stock one first
+        # MoE parameters are re-drawn by reset_parameters(); forking keeps the global RNG stream
+        # (and so the dense layers built after this one) independent of the expert layout.
+        with torch.random.fork_rng(devices=[]):
+            super().__init__(config, submodules, layer_number, pg_collection)
+        self.expert_tp_group = pg_collection.expt_tp
+        if config.moe_token_dispatcher_type == "alltoall":
+            self.token_dispatcher = PortableAlltoAllTokenDispatcher(
+                self.num_local_experts,
+                self.local_expert_indices,
+                config=config,
+                pg_collection=pg_collection,
+            )
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        """Draw router and experts from seeds derived from (seed, layer, global expert id)."""
+        if self.layer_number is None:
+            raise RuntimeError("reset_parameters needs the layer number (set by TransformerLayer)")
+        self._reset_router(derived_generator(seed, self.layer_number, "router"))
+        etp_rank = self.expert_tp_group.rank()
+        etp_size = self.expert_tp_group.size()
+        inits = (self.config.init_method, self.config.output_layer_init_method)
+        for local_idx, global_idx in enumerate(self.local_expert_indices):
+            params = _expert_weight_params(self.experts, local_idx)
+            for which, (param, init_method) in enumerate(zip(params, inits)):
+                full_shape = list(param.shape)
+                full_shape[param.partition_dim] *= etp_size
+                generator = derived_generator(seed, self.layer_number, "expert", global_idx, which)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+                    _initialize_affine_weight_cpu(
+                        param,
+                        full_shape[0],
+                        full_shape[1],
+                        param.shape[param.partition_dim],
+                        param.partition_dim,
+                        init_method,
+                        stride=getattr(param, "partition_stride", 1),
+                        params_dtype=param.dtype,
+                        rank=etp_rank,
+                        world_size=etp_size,
+                        skip_set_tensor_parallel_attributes=True,
+                    )
+
+    def _reset_router(self, generator: torch.Generator) -> None:
+        weight = torch.empty(self.router.weight.shape, dtype=torch.float32)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+            self.config.init_method(weight)
+        self.router.weight.copy_(weight.to(self.router.weight))
+
+
+class VQMoELayer(PortableMoELayer):
+    """VQMoE layer: both routing paths in one dispatch (see ``router.RoutingPlan``)."""
+
+    def __init__(
+        self,
+        config: VQMoETransformerConfig,
+        submodules: Optional[MoESubmodules] = None,
+        layer_number: Optional[int] = None,
+        pg_collection=None,
+    ) -> None:
+        if config.moe_shared_expert_intermediate_size is not None:
+            raise ValueError("VQMoELayer does not support shared experts")
+        super().__init__(config, submodules, layer_number, pg_collection)
+        if not isinstance(self.router, VQMoERouter):
+            raise TypeError(f"VQMoELayer needs a VQMoERouter, got {type(self.router).__name__}")
+
+    def _reset_router(self, generator: torch.Generator) -> None:
+        self.router.reset_parameters(generator)
+
+    @property
+    def routing_mode(self) -> str:
+        """'pretrain' (router + VQ + gate) or 'discrete' (nearest code only)."""
+        return self.router.mode
+
+    def set_routing_mode(self, mode: str) -> None:
+        """Switch routing mode; 'discrete' drops the router and gate (see VQMoERouter)."""
+        self.router.set_routing_mode(mode)
+
+    def maintain_codebook(self, step: int, seed: int) -> Optional[CodeRestart]:
+        """Per-optimizer-step codebook upkeep (EMA, dead-code restarts); collective over DP."""
+        return self.router.quantizer.maintain(
+            step,
+            self.config.vqmoe_dead_code_interval,
+            derived_generator(seed, self.layer_number, "restart", step),
+            self.router.tp_dp_cp_group,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        intermediate_tensors=None,
+        padding_mask: Optional[torch.Tensor] = None,
+    ):
+        """``hidden_states`` [S, B, H] -> ([S, B, H], None); ``padding_mask`` [B, S], True = pad."""
+        if intermediate_tensors is not None:
+            raise NotImplementedError("VQMoELayer does not support partial CUDA-graph capture")
+        if self.training and self.attn_tp_group.size() > 1 and not self.config.sequence_parallel:
+            raise ValueError("MoE with tensor parallelism needs sequence parallelism in training")
+        if padding_mask is not None:
+            padding_mask = padding_mask.transpose(0, 1).bool()
+        plan = self.router(hidden_states, padding_mask)
+        if isinstance(self.token_dispatcher, PortableAlltoAllTokenDispatcher):
+            self.token_dispatcher.num_routed_rows = (
+                plan.num_rows if plan.num_rows is not None else COUNT_ROWS
+            )
+        hidden, probs = self.token_dispatcher.dispatch_preprocess(
+            plan.hidden, plan.routing_map, plan.probs
+        )
+        hidden, probs = self.dispatch(hidden, probs)
+        output, _ = self.routed_experts_compute(hidden, probs)
+        output = self.combine(output)
+        output = self.token_dispatcher.combine_postprocess(output)
+        output = self.router.combine_streams(output, plan)
+        if plan.aux_loss is not None:
+            output = MoEAuxLossAutoScaler.apply(output, plan.aux_loss)
+        return output, None

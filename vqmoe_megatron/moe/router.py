@@ -1,0 +1,358 @@
+"""Routers: megatron's TopKRouter made device-agnostic, and the two-path VQMoE router.
+
+The VQMoE router turns one layer input into a :class:`RoutingPlan`: the rows to dispatch in
+megatron's format (``probs`` float and ``routing_map`` bool, ``[rows, E]``), so that megatron's
+dispatchers, experts and checkpoints apply unchanged. In ``pretrain`` mode the plan carries both
+paths of METHOD.md section 1 in ONE permutation:
+
+* expert input = token (x_d = x, no discrete norms): one stream ``[T, E]``; token t has the
+  router's top-k experts with weight ``g_c * w`` and its VQ expert with weight ``g_d``; when the
+  two coincide the rows merge into one row of weight ``g_c * w + g_d``;
+* otherwise (x_d != x): two streams stacked on the sequence axis, ``[2S, B, H]`` hidden and a
+  ``[2T, E]`` map: rows ``0..T-1`` are the router's top-k of x, rows ``T..2T-1`` the VQ expert of
+  x_d; the layer sums the two halves of the combined output.
+
+In ``discrete`` mode the router and the gate do not exist: one row per token, weight 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_utils import ProcessGroupCollection
+from megatron.core.transformer.moe.router import TopKRouter
+from torch import nn
+
+from vqmoe_megatron.moe import metrics
+from vqmoe_megatron.moe.transformer_config import VQMoETransformerConfig
+from vqmoe_megatron.moe.vq import VectorQuantizer
+
+_ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+class ContinuousRouter(TopKRouter):
+    """megatron-core's TopKRouter with a device-agnostic gating GEMM.
+
+    The stock ``gating`` moves its weight to ``torch.cuda.current_device()`` and, without
+    Transformer Engine, hits a NameError (``te_general_gemm``, moe_utils.py in 0.16.1) on any
+    device. Routing, top-k, aux/z losses and token dropping are megatron's own code. It also
+    records the router entropy per layer for the routing metrics.
+
+    ``vqmoe_reference_router`` reproduces the VQMoE reference code instead: softmax over the
+    selected top-k logits only and no balance loss (megatron refuses that at top-1, where every
+    weight is exactly 1 and the router receives no gradient: the defect METHOD.md describes).
+    """
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        dtype = _ROUTER_DTYPES.get(self.config.moe_router_dtype, input.dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(input.to(dtype), self.weight.to(dtype), bias)
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        with torch.no_grad():
+            logp = torch.log_softmax(logits.float().view(-1, logits.shape[-1]), dim=-1)
+            entropy = -(logp.exp() * logp).sum(dim=-1)
+            if padding_mask is not None:
+                entropy = entropy[~padding_mask.reshape(-1)]
+            metrics.record(self.layer_number, "router_entropy_sum", entropy.sum())
+        if self.config.vqmoe_reference_router:
+            return self._reference_routing(logits.view(-1, logits.shape[-1]))
+        return super().routing(logits, padding_mask=padding_mask)
+
+    def _reference_routing(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, E] logits -> (probs, routing_map): softmax over the top-k logits only."""
+        top_logits, top_idx = torch.topk(logits, self.topk, dim=1)
+        weights = torch.softmax(top_logits, dim=-1)
+        probs = torch.zeros_like(logits).scatter(1, top_idx, weights)
+        routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top_idx, True)
+        return probs, routing_map
+
+
+class MixingGate(nn.Module):
+    """The learned 2-way gate ``softmax(W_g x + b_g)`` -> ``[T, 2]`` = (g_c, g_d), in >= fp32."""
+
+    def __init__(self, hidden_size: int, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 2)
+        for param in self.linear.parameters():
+            param.sequence_parallel = sequence_parallel
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float, generator: torch.Generator) -> None:
+        """Weights N(0, std^2), bias 0: both paths start with weight ~1/2."""
+        self.linear.weight.copy_(torch.randn(self.linear.weight.shape, generator=generator) * std)
+        self.linear.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        logits = F.linear(x.to(dtype), self.linear.weight.to(dtype), self.linear.bias.to(dtype))
+        return torch.softmax(logits, dim=-1)
+
+
+@dataclass
+class RoutingPlan:
+    """What the VQMoE layer dispatches for one input ``[S, B, H]`` (T = S * B tokens).
+
+    hidden: ``[P * S, B, H]`` token vectors to dispatch (P = ``num_streams``, 1 or 2).
+    probs: ``[P * T, E]`` weight of every (row, expert) pair, 0 where not routed.
+    routing_map: ``[P * T, E]`` bool.
+    num_rows: exact number of routed rows if known without a device sync, else None.
+    post_norm_scale: ``[S, B, 1]`` when the discrete expert output is normalised after combine
+        (``discrete_layernorm``): the last stream is the discrete path and contributes
+        ``post_norm_scale * LN(stream)``; None otherwise.
+    aux_loss: scaled VQ loss to attach to the layer output (None when not training).
+    """
+
+    hidden: torch.Tensor
+    probs: torch.Tensor
+    routing_map: torch.Tensor
+    num_streams: int
+    num_rows: Optional[int]
+    post_norm_scale: Optional[torch.Tensor]
+    aux_loss: Optional[torch.Tensor]
+
+
+class VQMoERouter(MegatronModule):
+    """Continuous top-k router + nearest-code routing + mixing gate (METHOD.md section 1).
+
+    Built by megatron from the spec slot ``MoESubmodules.router`` with
+    ``(config=..., pg_collection=...)``; all settings come from the ``vqmoe_*`` fields of
+    :class:`VQMoETransformerConfig`. Code j serves expert ``j mod E``.
+    """
+
+    def __init__(
+        self,
+        config: VQMoETransformerConfig,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ) -> None:
+        super().__init__(config)
+        self.config = config
+        self.num_experts = config.num_moe_experts
+        self.layer_number: Optional[int] = None
+        self.tp_dp_cp_group = pg_collection.tp_dp_cp
+        self.tp_cp_size = pg_collection.tp_cp.size()
+        sp = config.sequence_parallel
+        self.quantizer = VectorQuantizer(
+            config.hidden_size,
+            config.vqmoe_codes,
+            distance=config.vqmoe_distance,
+            commitment_cost=config.vqmoe_commitment_cost,
+            init_std=config.vqmoe_codebook_init_std,
+            update=config.vqmoe_codebook_update,
+            ema_decay=config.vqmoe_ema_decay,
+            dead_code_threshold=config.vqmoe_dead_code_threshold,
+            data_init=config.vqmoe_codebook_init == "kmeans",
+            sequence_parallel=sp,
+        )
+        self.register_buffer(
+            "code_to_expert",
+            torch.arange(config.vqmoe_codes) % self.num_experts,
+            persistent=False,
+        )
+        if config.vqmoe_discrete_layernorm:
+            self.discrete_norm_in = nn.LayerNorm(config.hidden_size)
+            self.discrete_norm_out = nn.LayerNorm(config.hidden_size)
+            for param in (
+                *self.discrete_norm_in.parameters(),
+                *self.discrete_norm_out.parameters(),
+            ):
+                param.sequence_parallel = sp
+        else:
+            self.discrete_norm_in = self.discrete_norm_out = None
+        self.mode = config.vqmoe_routing_mode
+        if self.mode == "pretrain":
+            self.continuous: Optional[ContinuousRouter] = ContinuousRouter(
+                config=config, pg_collection=pg_collection
+            )
+            self.gate: Optional[MixingGate] = MixingGate(config.hidden_size, sp)
+        else:
+            self.continuous = None
+            self.gate = None
+            self._freeze_codebook_if_configured()
+
+    # ----------------------------------------------------------------------------- modes
+    def set_layer_number(self, layer_number: int) -> None:
+        """Layer index used for metrics and aux-loss logging (set by TransformerLayer)."""
+        self.layer_number = layer_number
+        if self.continuous is not None:
+            self.continuous.set_layer_number(layer_number)
+
+    def set_routing_mode(self, mode: str) -> None:
+        """Switch to ``discrete`` (drops router and gate for good) or check ``pretrain``.
+
+        Dropping is final: the parameters leave the module, its state dict and any optimizer
+        built afterwards. Switch before building the optimizer.
+        """
+        if mode == "discrete":
+            self.continuous = None
+            self.gate = None
+            self._freeze_codebook_if_configured()
+        elif mode == "pretrain":
+            if self.continuous is None or self.gate is None:
+                raise ValueError(
+                    "cannot switch to 'pretrain' routing: this layer has no router and gate "
+                    "(it was built or loaded in 'discrete' mode)"
+                )
+        else:
+            raise ValueError(f"routing mode must be 'pretrain' or 'discrete', got {mode!r}")
+        self.mode = mode
+
+    def _freeze_codebook_if_configured(self) -> None:
+        if self.quantizer.update == "gradient" and not self.config.vqmoe_train_codebook_in_discrete:
+            self.quantizer.codebook.requires_grad_(False)
+
+    # ----------------------------------------------------------------------------- init
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Layout-independent initialisation of router, gate and codebook from ``generator``."""
+        if self.continuous is not None:
+            weight = torch.empty(self.continuous.weight.shape, dtype=torch.float32)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+                self.config.init_method(weight)
+            self.continuous.weight.copy_(weight.to(self.continuous.weight))
+            self.gate.reset_parameters(self.config.init_method_std, generator)
+        self.quantizer.reset_parameters(generator)
+
+    # ----------------------------------------------------------------------------- routing
+    def _expert_input(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """x_d for the configured expert input ('paper', 'token' or 'quantized'), dtype of x."""
+        kind = self.config.vqmoe_expert_input
+        if kind == "token":
+            x_d = x
+        elif kind == "quantized":
+            x_d = x + (q - x.to(q.dtype)).detach().to(x.dtype)
+        else:
+            rho = self.config.vqmoe_contrib_rate
+            x_d = (1.0 - rho) * x + rho * (q - x.to(q.dtype)).detach().to(x.dtype)
+        if self.discrete_norm_in is not None:
+            x_d = self.discrete_norm_in(x_d)
+        return x_d
+
+    def _vq_aux_loss(
+        self, x: torch.Tensor, codes: torch.Tensor, valid: Optional[torch.Tensor]
+    ) -> Optional[torch.Tensor]:
+        if not (self.training and torch.is_grad_enabled()):
+            return None
+        if self.mode == "discrete" and not self.config.vqmoe_loss_in_discrete:
+            return None
+        loss = self.quantizer.loss(x, codes, valid)
+        metrics.record(self.layer_number, "vq_loss_sum", loss)
+        metrics.record(self.layer_number, "micro_batches", torch.ones((), device=x.device))
+        # Under sequence parallelism each TP rank holds a slice of the sequence and the
+        # gradients of replicated parameters are summed over TP: scale like megatron's z-loss.
+        return loss * (self.config.vqmoe_loss_coeff / self.tp_cp_size)
+
+    def forward(
+        self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
+    ) -> RoutingPlan:
+        """Route ``hidden`` [S, B, H]; ``padding_mask`` [S, B] bool marks padding (True)."""
+        seq, batch, width = hidden.shape
+        x = hidden.reshape(-1, width)
+        valid = None if padding_mask is None else ~padding_mask.reshape(-1)
+        if self.quantizer.needs_data_init and self.training:
+            raise RuntimeError(
+                "codebook_init=kmeans: run the data-dependent initialisation "
+                "(vqmoe_megatron.training.codebook.initialize_codebooks) before training"
+            )
+        codes = self.quantizer.assign(x)
+        if self.training and torch.is_grad_enabled():
+            self.quantizer.record(
+                x if valid is None else x[valid], codes if valid is None else codes[valid]
+            )
+        expert_d = self.code_to_expert[codes]
+        onehot_d = F.one_hot(expert_d, self.num_experts).bool()
+        q = self.quantizer.quantize(x, codes)
+        x_d = self._expert_input(x, q)
+        aux_loss = self._vq_aux_loss(x, codes, valid)
+        post_norm = self.discrete_norm_out is not None
+
+        if self.mode == "discrete":
+            plan = RoutingPlan(
+                hidden=x_d.view(seq, batch, width),
+                probs=onehot_d.to(torch.float32),
+                routing_map=onehot_d,
+                num_streams=1,
+                num_rows=x.shape[0],
+                post_norm_scale=hidden.new_ones(seq, batch, 1) if post_norm else None,
+                aux_loss=aux_loss,
+            )
+            self._record_metrics(codes, plan, valid, gate=None, probs_c=None, expert_d=expert_d)
+            return plan
+
+        probs_c, map_c = self.continuous(hidden, padding_mask)
+        gate = self.gate(x)
+        g_c, g_d = gate[:, :1], gate[:, 1:]
+        merged = self.config.vqmoe_expert_input == "token" and not post_norm
+        if merged:
+            plan = RoutingPlan(
+                hidden=hidden,
+                probs=g_c * probs_c + g_d * onehot_d,
+                routing_map=map_c | onehot_d,
+                num_streams=1,
+                num_rows=None,
+                post_norm_scale=None,
+                aux_loss=aux_loss,
+            )
+        else:
+            weight_d = torch.ones_like(g_d) if post_norm else g_d
+            static_rows = self.config.moe_expert_capacity_factor is None
+            plan = RoutingPlan(
+                hidden=torch.cat([hidden, x_d.view(seq, batch, width)], dim=0),
+                probs=torch.cat([g_c * probs_c, weight_d * onehot_d], dim=0),
+                routing_map=torch.cat([map_c, onehot_d], dim=0),
+                num_streams=2,
+                num_rows=x.shape[0] * (self.config.moe_router_topk + 1) if static_rows else None,
+                post_norm_scale=g_d.view(seq, batch, 1) if post_norm else None,
+                aux_loss=aux_loss,
+            )
+        self._record_metrics(codes, plan, valid, gate=gate, probs_c=probs_c, expert_d=expert_d)
+        return plan
+
+    def combine_streams(self, output: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """Sum the ``[P * S, B, H]`` combined expert output of a plan's streams -> ``[S, B, H]``."""
+        streams = output.chunk(plan.num_streams, dim=0)
+        if plan.post_norm_scale is None:
+            combined = streams[0]
+            for stream in streams[1:]:
+                combined = combined + stream
+            return combined
+        *continuous, discrete = streams
+        combined = plan.post_norm_scale.to(output.dtype) * self.discrete_norm_out(discrete)
+        for stream in continuous:
+            combined = combined + stream
+        return combined
+
+    @torch.no_grad()
+    def _record_metrics(
+        self,
+        codes: torch.Tensor,
+        plan: RoutingPlan,
+        valid: Optional[torch.Tensor],
+        gate: Optional[torch.Tensor],
+        probs_c: Optional[torch.Tensor],
+        expert_d: torch.Tensor,
+    ) -> None:
+        layer = self.layer_number
+        if layer is None:
+            return
+        tokens = codes.shape[0]
+        keep = (
+            valid
+            if valid is not None
+            else torch.ones(tokens, dtype=torch.bool, device=codes.device)
+        )
+        streams_keep = keep.repeat(plan.num_streams)
+        metrics.record(layer, "tokens", keep.sum())
+        metrics.record(layer, "expert_rows", plan.routing_map[streams_keep].sum(dim=0))
+        metrics.record(
+            layer, "code_counts", torch.bincount(codes[keep], minlength=self.quantizer.num_codes)
+        )
+        if gate is not None:
+            metrics.record(layer, "gate_discrete_sum", gate[keep, 1].sum())
+            top1 = probs_c.argmax(dim=-1)
+            metrics.record(layer, "agreement_sum", (top1 == expert_d)[keep].sum())

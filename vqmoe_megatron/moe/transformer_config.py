@@ -1,0 +1,73 @@
+"""megatron-core TransformerConfig extended with the VQMoE settings (``vqmoe_*`` fields).
+
+megatron passes one ``TransformerConfig`` to every module it builds (routers, dispatchers,
+experts); carrying the VQMoE settings on it keeps our router a plain spec slot
+(``MoESubmodules.router``) that megatron can construct with ``(config=..., pg_collection=...)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+ROUTING_MODES = ("pretrain", "discrete")
+EXPERT_INPUTS = ("paper", "token", "quantized")
+
+
+@dataclass
+class VQMoETransformerConfig(TransformerConfig):
+    """TransformerConfig plus the VQMoE layer settings (see METHOD.md and ``config.MoEConfig``)."""
+
+    vqmoe_router: str = "vqmoe"
+    """'vqmoe' (two-path VQMoE router) or 'topk' (megatron's TopKRouter, the SMoE baseline)."""
+    vqmoe_reference_router: bool = False
+    """Reference-code router: softmax over the selected logits, no balance loss."""
+    vqmoe_routing_mode: str = "pretrain"
+    vqmoe_num_codes: Optional[int] = None
+    vqmoe_distance: str = "l2"
+    vqmoe_expert_input: str = "paper"
+    vqmoe_contrib_rate: float = 0.05
+    vqmoe_discrete_layernorm: bool = False
+    vqmoe_loss_coeff: float = 0.08
+    vqmoe_commitment_cost: float = 0.25
+    vqmoe_codebook_init: str = "normal"
+    vqmoe_codebook_init_std: float = 0.02
+    vqmoe_kmeans_iters: int = 10
+    vqmoe_codebook_update: str = "gradient"
+    vqmoe_ema_decay: float = 0.99
+    vqmoe_dead_code_interval: int = 100
+    vqmoe_dead_code_threshold: float = 1e-3
+    vqmoe_train_codebook_in_discrete: bool = False
+    vqmoe_loss_in_discrete: bool = True
+    vqmoe_init_seed: int = 1234
+    """Seed of the layout-independent initialisation of every MoE parameter."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vqmoe_router not in ("vqmoe", "topk"):
+            raise ValueError(f"vqmoe_router must be 'vqmoe' or 'topk', got {self.vqmoe_router!r}")
+        if self.vqmoe_routing_mode not in ROUTING_MODES:
+            raise ValueError(f"vqmoe_routing_mode must be one of {ROUTING_MODES}")
+        if self.vqmoe_expert_input not in EXPERT_INPUTS:
+            raise ValueError(f"vqmoe_expert_input must be one of {EXPERT_INPUTS}")
+        if (
+            self.num_moe_experts is not None
+            and self.vqmoe_num_codes is not None
+            and self.vqmoe_num_codes < self.num_moe_experts
+        ):
+            raise ValueError(
+                f"vqmoe_num_codes ({self.vqmoe_num_codes}) must be >= num_moe_experts "
+                f"({self.num_moe_experts}): every expert needs at least one code"
+            )
+        if self.moe_pad_expert_input_to_capacity:
+            raise ValueError(
+                "moe_pad_expert_input_to_capacity is not supported by the fused VQMoE dispatch "
+                "(each token routes a variable number of rows)"
+            )
+
+    @property
+    def vqmoe_codes(self) -> int:
+        """Codebook size K (defaults to the number of experts)."""
+        return self.vqmoe_num_codes or self.num_moe_experts

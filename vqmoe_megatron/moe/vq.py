@@ -1,0 +1,317 @@
+"""The VQMoE codebook: nearest-code assignment, VQ loss, EMA updates, k-means init, dead codes.
+
+Shapes: ``x`` is ``[T, H]`` (tokens flattened), the codebook is ``[K, H]`` and ``codes`` is
+``[T]`` (long). Distance and loss arithmetic runs in fp32 (fp64 for fp64 inputs) whatever the
+training precision.
+
+Statistics that decide future updates (EMA sums, code usage since the last dead-code check) are
+buffers that stay fp32/int64 under ``module.bfloat16()`` and are part of the state dict, so a run
+resumed from a checkpoint makes exactly the decisions an uninterrupted run would have made.
+Everything that must agree across data-parallel ranks is reduced over ``group`` (the ranks that
+hold a replica of the codebook and see different tokens: tensor x data x context parallel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+MAX_RECENT_TOKENS = 4096
+"""Token vectors kept per rank as candidates for dead-code restarts."""
+MAX_KMEANS_POINTS = 8192
+"""Token vectors per rank used by the k-means initialisation."""
+
+
+@dataclass
+class CodeRestart:
+    """Codes revived by a dead-code restart: ``codes`` [n] long, ``vectors`` [n, H] fp32."""
+
+    codes: torch.Tensor
+    vectors: torch.Tensor
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 activations, fp64 for fp64 ones (reference tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _group_size(group: Optional[dist.ProcessGroup]) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def _all_reduce(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> None:
+    if _group_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+
+
+def _all_gather_rows(rows: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Concatenate ``rows`` [n_r, H] of every rank in ``group`` (counts may differ)."""
+    world = _group_size(group)
+    if world == 1:
+        return rows
+    count = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c.item()) for c in counts]
+    padded = rows.new_zeros((max(counts), rows.shape[1]))
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    return torch.cat([g[:c] for g, c in zip(gathered, counts)], dim=0)
+
+
+def kmeans(
+    points: torch.Tensor, num_codes: int, iters: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Lloyd's k-means on ``points`` [N, H] (fp32); returns ``[num_codes, H]`` centroids.
+
+    Centroids start at distinct random points (with replacement and a little noise when there
+    are fewer points than codes); a cluster that empties keeps its previous centroid.
+    """
+    n = points.shape[0]
+    if n >= num_codes:
+        idx = torch.randperm(n, generator=generator)[:num_codes]
+        centroids = points[idx].clone()
+    else:
+        idx = torch.randint(n, (num_codes,), generator=generator)
+        noise = torch.randn(num_codes, points.shape[1], generator=generator) * 1e-3
+        centroids = points[idx] + noise.to(points.device) * points.std()
+    for _ in range(iters):
+        assign = torch.cdist(points, centroids).argmin(dim=1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, points)
+        counts = torch.bincount(assign, minlength=num_codes)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled].unsqueeze(1).to(points.dtype)
+    return centroids
+
+
+class VectorQuantizer(nn.Module):
+    """A codebook of ``num_codes`` vectors in ``R^hidden_size`` with VQ-VAE losses.
+
+    ``update='gradient'``: the codebook is a Parameter learned through the codebook term of the
+    VQ loss (the reference code). ``update='ema'``: it is a buffer moved towards the mean of its
+    assigned tokens after every optimizer step (VQ-VAE-2), and the loss only commits the tokens.
+    """
+
+    _FP32_BUFFERS = ("ema_count", "ema_sum", "step_sums")
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_codes: int,
+        *,
+        distance: str = "l2",
+        commitment_cost: float = 0.25,
+        init_std: float = 0.02,
+        update: str = "gradient",
+        ema_decay: float = 0.99,
+        dead_code_threshold: float = 1e-3,
+        data_init: bool = False,
+        sequence_parallel: bool = False,
+    ) -> None:
+        super().__init__()
+        if distance not in ("l2", "cosine"):
+            raise ValueError(f"distance must be 'l2' or 'cosine', got {distance!r}")
+        if update not in ("gradient", "ema"):
+            raise ValueError(f"codebook update must be 'gradient' or 'ema', got {update!r}")
+        self.hidden_size = hidden_size
+        self.num_codes = num_codes
+        self.distance = distance
+        self.commitment_cost = commitment_cost
+        self.init_std = init_std
+        self.update = update
+        self.ema_decay = ema_decay
+        self.dead_code_threshold = dead_code_threshold
+
+        codebook = torch.randn(num_codes, hidden_size) * init_std
+        if update == "gradient":
+            self.codebook = nn.Parameter(codebook)
+            self.codebook.sequence_parallel = sequence_parallel
+        else:
+            self.register_buffer("codebook", codebook)
+            self.register_buffer("ema_count", torch.zeros(num_codes))
+            self.register_buffer("ema_sum", codebook.clone())
+            self.register_buffer("step_sums", torch.zeros(num_codes, hidden_size), persistent=False)
+        self.register_buffer("window_counts", torch.zeros(num_codes, dtype=torch.long))
+        self.register_buffer(
+            "step_counts", torch.zeros(num_codes, dtype=torch.long), persistent=False
+        )
+        self.register_buffer("needs_data_init", torch.tensor(data_init))
+        self.recent: Optional[torch.Tensor] = None
+
+    def _apply(self, fn, recurse: bool = True):
+        """Keep the EMA statistics in fp32 when the module is cast to bf16/fp16."""
+        super()._apply(fn, recurse)
+        for name in self._FP32_BUFFERS:
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        if self.update == "ema" and self.codebook.dtype != torch.float32:
+            self._buffers["codebook"] = self.codebook.float()
+        return self
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Draw the codebook from N(0, init_std^2) with ``generator`` (layout-independent init)."""
+        fresh = torch.randn(self.num_codes, self.hidden_size, generator=generator) * self.init_std
+        self.codebook.copy_(fresh.to(self.codebook))
+        if self.update == "ema":
+            self.ema_sum.copy_(fresh)
+            self.ema_count.zero_()
+
+    def _normalized(self, t: torch.Tensor) -> torch.Tensor:
+        return F.normalize(t, dim=-1) if self.distance == "cosine" else t
+
+    @torch.no_grad()
+    def assign(self, x: torch.Tensor) -> torch.Tensor:
+        """Nearest code of every token: ``x`` [T, H] -> ``codes`` [T] (long)."""
+        dtype = _compute_dtype(x)
+        xf = x.detach().to(dtype)
+        cb = self.codebook.detach().to(dtype)
+        if self.distance == "cosine":
+            scores = F.normalize(xf, dim=-1) @ F.normalize(cb, dim=-1).t()
+        else:
+            # argmin ||x - c||^2 = argmax 2 x.c - ||c||^2 (||x||^2 is constant per row)
+            scores = torch.addmm(-(cb * cb).sum(dim=1), xf, cb.t(), alpha=2.0)
+        return scores.argmax(dim=1)
+
+    def quantize(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The code vector q of each token, [T, H] (>= fp32), differentiable w.r.t. the codebook.
+
+        With cosine distance the code's direction is placed at the token's norm, so that q lives
+        on the scale of the residual stream.
+        """
+        dtype = _compute_dtype(x)
+        q = self.codebook[codes].to(dtype)
+        if self.distance == "cosine":
+            q = F.normalize(q, dim=-1) * x.detach().to(dtype).norm(dim=-1, keepdim=True)
+        return q
+
+    def loss(
+        self, x: torch.Tensor, codes: torch.Tensor, valid: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """VQ-VAE loss ``||sg(x) - c||^2 + beta ||x - sg(c)||^2``, mean over valid tokens and dims.
+
+        ``valid`` [T] bool excludes padding tokens. With cosine distance both sides are unit
+        vectors, so codes learn directions.
+        """
+        dtype = _compute_dtype(x)
+        xf = self._normalized(x.to(dtype))
+        cf = self._normalized(self.codebook[codes].to(dtype))
+        per_token = ((xf.detach() - cf) ** 2).mean(dim=-1) + self.commitment_cost * (
+            (xf - cf.detach()) ** 2
+        ).mean(dim=-1)
+        if valid is None:
+            return per_token.mean()
+        return (per_token * valid).sum() / valid.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def record(self, x: torch.Tensor, codes: torch.Tensor) -> None:
+        """Accumulate this micro-batch's code usage (and EMA sums); keep restart candidates."""
+        self.step_counts += torch.bincount(codes, minlength=self.num_codes)
+        if self.update == "ema":
+            self.step_sums.index_add_(0, codes, x.detach().float())
+        self.recent = x.detach()[:MAX_RECENT_TOKENS].float().clone()
+
+    @torch.no_grad()
+    def init_from_data(
+        self,
+        x: torch.Tensor,
+        iters: int,
+        generator: torch.Generator,
+        group: Optional[dist.ProcessGroup] = None,
+    ) -> None:
+        """k-means initialisation from token vectors ``x`` [T, H] of every rank in ``group``.
+
+        Every rank runs the same k-means on the same gathered points with the same generator,
+        so the codebooks agree without a broadcast.
+        """
+        local = x.detach().float()
+        if local.shape[0] > MAX_KMEANS_POINTS:
+            pick = torch.randperm(local.shape[0], generator=generator)[:MAX_KMEANS_POINTS]
+            local = local[pick.to(local.device)]
+        points = _all_gather_rows(local, group)
+        centroids = kmeans(points.cpu(), self.num_codes, iters, generator)
+        if self.distance == "cosine":
+            centroids = F.normalize(centroids, dim=-1)
+        self.codebook.copy_(centroids.to(self.codebook))
+        if self.update == "ema":
+            self.ema_sum.copy_(centroids)
+            self.ema_count.fill_(1.0)
+        self.needs_data_init.fill_(False)
+
+    @torch.no_grad()
+    def maintain(
+        self,
+        step: int,
+        interval: int,
+        generator: torch.Generator,
+        group: Optional[dist.ProcessGroup] = None,
+    ) -> Optional[CodeRestart]:
+        """Fold this optimizer step's statistics in; every ``interval`` steps restart dead codes.
+
+        Call once per optimizer step on every rank of ``group``. EMA codebooks are updated here
+        directly; for a gradient-learned codebook the returned :class:`CodeRestart` must be
+        written into the parameter AND the optimizer's master copy by the caller (a plain
+        in-place write would be overwritten by ZeRO's fp32 master weights at the next step).
+        """
+        counts = self.step_counts.clone()
+        _all_reduce(counts, group)
+        if self.update == "ema":
+            sums = self.step_sums.clone()
+            _all_reduce(sums, group)
+            self._ema_update(counts, sums)
+            self.step_sums.zero_()
+        self.window_counts += counts
+        self.step_counts.zero_()
+        if interval <= 0 or step % interval != 0:
+            return None
+        restart = self._dead_code_restart(generator, group)
+        self.window_counts.zero_()
+        return restart
+
+    def _ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
+        decay = self.ema_decay
+        self.ema_count.mul_(decay).add_(counts.float(), alpha=1 - decay)
+        self.ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
+        total = self.ema_count.sum()
+        eps = 1e-5
+        smoothed = (self.ema_count + eps) / (total + self.num_codes * eps) * total
+        self.codebook.copy_(self.ema_sum / smoothed.clamp(min=eps).unsqueeze(1))
+
+    def dead_codes(self) -> torch.Tensor:
+        """Codes used by less than ``dead_code_threshold`` of their fair share in this window."""
+        total = self.window_counts.sum()
+        if int(total) == 0:
+            return torch.zeros(0, dtype=torch.long, device=self.window_counts.device)
+        fair = total.double() / self.num_codes
+        return (self.window_counts.double() < self.dead_code_threshold * fair).nonzero().flatten()
+
+    def _dead_code_restart(
+        self, generator: torch.Generator, group: Optional[dist.ProcessGroup]
+    ) -> Optional[CodeRestart]:
+        dead = self.dead_codes()
+        if dead.numel() == 0 or self.recent is None:
+            return None
+        # Each rank proposes candidates from its own recent tokens; dead code j takes the
+        # candidate of rank (j mod world), so all ranks agree and candidates span all ranks.
+        recent = self.recent
+        pick = torch.randint(recent.shape[0], (dead.numel(),), generator=generator)
+        proposals = recent[pick.to(recent.device)]
+        world = _group_size(group)
+        if world > 1:
+            gathered = [torch.zeros_like(proposals) for _ in range(world)]
+            dist.all_gather(gathered, proposals, group=group)
+            stacked = torch.stack(gathered)  # [world, n_dead, H]
+            owner = torch.arange(dead.numel(), device=stacked.device) % world
+            proposals = stacked[owner, torch.arange(dead.numel(), device=stacked.device)]
+        if self.update == "ema":
+            self.codebook[dead] = proposals.to(self.codebook)
+            self.ema_sum[dead] = proposals
+            self.ema_count[dead] = 1.0
+        return CodeRestart(codes=dead, vectors=proposals)
