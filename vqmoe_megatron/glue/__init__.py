@@ -1,5 +1,6 @@
-"""GLUE task layer: read the nine tasks' TSV files (``tasks``)."""
+"""GLUE task layer: read the nine tasks' TSV files (``tasks``), score predictions (``metrics``)."""
 
+from vqmoe_megatron.glue.metrics import check_predictions, compute_task_metrics
 from vqmoe_megatron.glue.tasks import (
     TASKS,
     GlueDataError,
@@ -17,7 +18,9 @@ __all__ = [
     "GlueExample",
     "GlueSplit",
     "GlueTask",
+    "check_predictions",
     "check_task_files",
+    "compute_task_metrics",
     "get_task",
     "read_split",
 ]
