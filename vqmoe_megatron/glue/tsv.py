@@ -52,8 +52,8 @@ def write_tsv(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) 
                     )
                 handle.write("\t".join(fields) + "\n")
                 count += 1
+        tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    tmp.replace(path)
     return count - 1
