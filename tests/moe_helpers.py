@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.spec_utils import build_module
 
@@ -39,9 +40,17 @@ def init_single_process(seed: int = 1234) -> None:
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
 
 
+def current_parallel_config() -> ParallelConfig:
+    """The ParallelConfig matching megatron's initialised parallel state."""
+    return ParallelConfig(
+        tensor_parallel=parallel_state.get_tensor_model_parallel_world_size(),
+        expert_parallel=parallel_state.get_expert_model_parallel_world_size(),
+    )
+
+
 def build_moe_layer(moe: MoEConfig, model: ModelConfig = TINY_MODEL, seed: int = 7):
     """A stand-alone MoE layer (layer number 1) for the current parallel state."""
-    config = build_transformer_config(model, moe, ParallelConfig(), seed=seed)
+    config = build_transformer_config(model, moe, current_parallel_config(), seed=seed)
     spec = _layer_spec(config, moe=True, use_te=False).submodules.mlp
     layer = build_module(spec, config=config)
     layer.set_layer_number(1)

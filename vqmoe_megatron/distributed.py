@@ -147,3 +147,26 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def sequence_parallel_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Replicated parameters whose gradients are partial under sequence parallelism."""
+    return [p for p in model.parameters() if getattr(p, "sequence_parallel", False)]
+
+
+def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
+    """Sum over the TP group the gradients of sequence-parallel parameters (norms, routers,
+    gates, codebooks): each TP rank saw a slice of the sequence. megatron's own
+    ``finalize_model_grads`` does this step in megatron's training loop."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    if group.size() == 1:
+        return
+    grads = [p.grad for p in sequence_parallel_params(model) if p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -64,9 +65,18 @@ def transformer_engine_available() -> bool:
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
-    """Vocabulary padded to a multiple of 128 * TP (megatron's convention); pads are never targets."""
-    multiple = VOCAB_DIVISIBLE_BY * tensor_parallel
-    return ((vocab_size + multiple - 1) // multiple) * multiple
+    """Vocabulary padded to a multiple of 128; pad ids are never targets.
+
+    Unlike megatron's 128 * TP, the padding does not depend on TP (the padded rows take part
+    in the softmax), so a model is the same function at every layout; 128 is divisible by
+    every usual TP size.
+    """
+    padded = ((vocab_size + VOCAB_DIVISIBLE_BY - 1) // VOCAB_DIVISIBLE_BY) * VOCAB_DIVISIBLE_BY
+    if padded % tensor_parallel:
+        raise ValueError(
+            f"padded vocabulary {padded} is not divisible by tensor_parallel={tensor_parallel}"
+        )
+    return padded
 
 
 def is_moe_layer(layer_index: int, moe: MoEConfig) -> bool:
@@ -203,6 +213,17 @@ def build_block_spec(
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
 
 
+RowWriter = Callable[[torch.nn.Parameter, torch.Tensor, torch.Tensor], None]
+
+
+def write_rows_in_place(
+    param: torch.nn.Parameter, rows: torch.Tensor, values: torch.Tensor
+) -> None:
+    """Overwrite ``param[rows]`` with ``values`` (enough for plain torch optimisers)."""
+    with torch.no_grad():
+        param[rows.to(param.device)] = values.to(param)
+
+
 class VQMoEGPTModel(GPTModel):
     """megatron-core GPTModel with VQMoE helpers (routing mode, codebook upkeep, MoE layers)."""
 
@@ -237,14 +258,44 @@ class VQMoEGPTModel(GPTModel):
         for layer in self.moe_layers():
             layer.reset_parameters(seed)
 
-    def maintain_codebooks(self, step: int, seed: int) -> dict[int, CodeRestart]:
-        """Per-optimizer-step codebook upkeep of every VQMoE layer; returns restarts by layer."""
+    def maintain_codebooks(
+        self, step: int, seed: int, write_rows: RowWriter = write_rows_in_place
+    ) -> dict[int, CodeRestart]:
+        """Per-optimizer-step codebook upkeep of every VQMoE layer (collective over DP).
+
+        Dead codes of gradient-learned codebooks are written with ``write_rows(param, rows,
+        values)``; under DeepSpeed pass a writer that also updates the optimizer's fp32 master
+        weights (``training.engine``), or ZeRO overwrites the restart at the next step.
+        Returns the restarts by layer number (for logging).
+        """
         restarts = {}
         for layer in self.vq_layers():
             restart = layer.maintain_codebook(step, seed)
-            if restart is not None:
-                restarts[layer.layer_number] = restart
+            if restart is None:
+                continue
+            quantizer = layer.router.quantizer
+            if isinstance(quantizer.codebook, torch.nn.Parameter):
+                write_rows(quantizer.codebook, restart.codes, restart.vectors)
+            restarts[layer.layer_number] = restart
         return restarts
+
+
+def check_parallel_state(parallel: ParallelConfig) -> None:
+    """Refuse a ParallelConfig that disagrees with megatron's initialised parallel state."""
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError(
+            "initialise megatron's parallel state first (vqmoe_megatron.distributed)"
+        )
+    actual = (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_expert_model_parallel_world_size(),
+    )
+    wanted = (parallel.tensor_parallel, parallel.expert_parallel)
+    if actual != wanted:
+        raise ValueError(
+            f"parallel.tensor_parallel/expert_parallel = {wanted} but the process groups were "
+            f"initialised with {actual}; pass the same sizes to init_distributed"
+        )
 
 
 def build_model(
