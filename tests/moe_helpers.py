@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-from megatron.core.transformer.spec_utils import build_module
 
 from vqmoe_megatron.config import ModelConfig, MoEConfig, ParallelConfig
 from vqmoe_megatron.distributed import init_distributed
-from vqmoe_megatron.model import _layer_spec, build_transformer_config
+from vqmoe_megatron.model import build_mlp_block
 
 TINY_MODEL = ModelConfig(
     num_layers=2,
@@ -50,12 +49,7 @@ def current_parallel_config() -> ParallelConfig:
 
 def build_moe_layer(moe: MoEConfig, model: ModelConfig = TINY_MODEL, seed: int = 7):
     """A stand-alone MoE layer (layer number 1) for the current parallel state."""
-    config = build_transformer_config(model, moe, current_parallel_config(), seed=seed)
-    spec = _layer_spec(config, moe=True, use_te=False).submodules.mlp
-    layer = build_module(spec, config=config)
-    layer.set_layer_number(1)
-    layer.reset_parameters(seed)
-    return layer
+    return build_mlp_block(model, moe, current_parallel_config(), seed=seed)
 
 
 @dataclass

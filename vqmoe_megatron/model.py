@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from vqmoe_megatron.compat import DeviceSafeRotaryEmbedding, SDPACoreAttention, SPTorchNorm
@@ -296,6 +296,30 @@ def check_parallel_state(parallel: ParallelConfig) -> None:
             f"parallel.tensor_parallel/expert_parallel = {wanted} but the process groups were "
             f"initialised with {actual}; pass the same sizes to init_distributed"
         )
+
+
+def build_mlp_block(
+    model: ModelConfig,
+    moe: MoEConfig,
+    parallel: ParallelConfig,
+    *,
+    seed: int,
+    moe_layer: bool = True,
+    layer_number: int = 1,
+):
+    """One stand-alone MLP block (MoE layer or dense MLP) exactly as the model builds it.
+
+    Used by benchmarks and tests that exercise a single layer.
+    """
+    check_parallel_state(parallel)
+    config = build_transformer_config(model, moe, parallel, seed=seed)
+    torch.manual_seed(seed)
+    spec = _layer_spec(config, moe=moe_layer, use_te=use_transformer_engine(model)).submodules.mlp
+    block = build_module(spec, config=config)
+    if moe_layer:
+        block.set_layer_number(layer_number)
+        block.reset_parameters(seed)
+    return block
 
 
 def build_model(

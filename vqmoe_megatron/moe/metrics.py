@@ -35,6 +35,11 @@ def set_enabled(enabled: bool) -> None:
     _ENABLED = enabled
 
 
+def enabled() -> bool:
+    """Whether metrics are being recorded (routers skip their bookkeeping otherwise)."""
+    return _ENABLED
+
+
 def record(layer: Optional[int], name: str, value: torch.Tensor) -> None:
     """Add ``value`` (a detached scalar or vector) to the layer's running sum ``name``."""
     if not _ENABLED or layer is None:

@@ -53,15 +53,19 @@ class ContinuousRouter(TopKRouter):
         return F.linear(input.to(dtype), self.weight.to(dtype), bias)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        with torch.no_grad():
-            logp = torch.log_softmax(logits.float().view(-1, logits.shape[-1]), dim=-1)
-            entropy = -(logp.exp() * logp).sum(dim=-1)
-            if padding_mask is not None:
-                entropy = entropy[~padding_mask.reshape(-1)]
-            metrics.record(self.layer_number, "router_entropy_sum", entropy.sum())
+        if metrics.enabled() and self.layer_number is not None:
+            self._record_entropy(logits, padding_mask)
         if self.config.vqmoe_reference_router:
             return self._reference_routing(logits.view(-1, logits.shape[-1]))
         return super().routing(logits, padding_mask=padding_mask)
+
+    @torch.no_grad()
+    def _record_entropy(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> None:
+        logp = torch.log_softmax(logits.float().view(-1, logits.shape[-1]), dim=-1)
+        entropy = -(logp.exp() * logp).sum(dim=-1)
+        if padding_mask is not None:
+            entropy = entropy[~padding_mask.reshape(-1)]
+        metrics.record(self.layer_number, "router_entropy_sum", entropy.sum())
 
     def _reference_routing(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, E] logits -> (probs, routing_map): softmax over the top-k logits only."""
@@ -220,15 +224,20 @@ class VQMoERouter(MegatronModule):
 
     # ----------------------------------------------------------------------------- routing
     def _expert_input(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """x_d for the configured expert input ('paper', 'token' or 'quantized'), dtype of x."""
+        """x_d for the configured expert input ('paper', 'token' or 'quantized'), dtype of x.
+
+        ``q`` carries no gradient; all variants pass gradient to x only (0.95 for 'paper').
+        """
         kind = self.config.vqmoe_expert_input
         if kind == "token":
             x_d = x
-        elif kind == "quantized":
-            x_d = x + (q - x.to(q.dtype)).detach().to(x.dtype)
         else:
-            rho = self.config.vqmoe_contrib_rate
-            x_d = (1.0 - rho) * x + rho * (q - x.to(q.dtype)).detach().to(x.dtype)
+            delta = (q - x.detach().to(q.dtype)).to(x.dtype)
+            if kind == "quantized":
+                x_d = x + delta
+            else:
+                rho = self.config.vqmoe_contrib_rate
+                x_d = torch.add(x * (1.0 - rho), delta, alpha=rho)
         if self.discrete_norm_in is not None:
             x_d = self.discrete_norm_in(x_d)
         return x_d
@@ -338,7 +347,7 @@ class VQMoERouter(MegatronModule):
         expert_d: torch.Tensor,
     ) -> None:
         layer = self.layer_number
-        if layer is None:
+        if layer is None or not metrics.enabled():
             return
         tokens = codes.shape[0]
         keep = (

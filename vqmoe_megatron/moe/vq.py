@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-MAX_RECENT_TOKENS = 4096
+MAX_RECENT_TOKENS = 1024
 """Token vectors kept per rank as candidates for dead-code restarts."""
 MAX_KMEANS_POINTS = 8192
 """Token vectors per rank used by the k-means initialisation."""
@@ -88,6 +88,38 @@ def kmeans(
         filled = counts > 0
         centroids[filled] = sums[filled] / counts[filled].unsqueeze(1).to(points.dtype)
     return centroids
+
+
+class _SquaredVQLoss(torch.autograd.Function):
+    """``sum_t w_t (||sg(x_t) - c_k||^2 + beta ||x_t - sg(c_k)||^2)`` in one pass.
+
+    Forward computes ``d = x - c_codes`` once; backward gives ``2 beta w d`` to x and
+    ``-2 w d`` (index-added per code) to the codebook: the same numbers as autograd through
+    the two stop-gradient terms, with a third of the elementwise work.
+    """
+
+    @staticmethod
+    def forward(ctx, x, codebook, codes, weights, beta):
+        dtype = weights.dtype
+        diff = x.detach().to(dtype) - codebook.detach()[codes].to(dtype)
+        ctx.save_for_backward(diff, codes, weights)
+        ctx.beta = beta
+        ctx.dtypes = (x.dtype, codebook.dtype)
+        ctx.num_codes = codebook.shape[0]
+        return (1.0 + beta) * ((diff * diff).sum(dim=-1) * weights).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        diff, codes, weights = ctx.saved_tensors
+        scaled = diff * (weights * (2.0 * grad)).unsqueeze(1)
+        grad_x = grad_codebook = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (ctx.beta * scaled).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            grad_codebook = scaled.new_zeros(ctx.num_codes, scaled.shape[1])
+            grad_codebook.index_add_(0, codes, scaled, alpha=-1.0)
+            grad_codebook = grad_codebook.to(ctx.dtypes[1])
+        return grad_x, grad_codebook, None, None, None
 
 
 class VectorQuantizer(nn.Module):
@@ -164,9 +196,6 @@ class VectorQuantizer(nn.Module):
             self.ema_sum.copy_(fresh)
             self.ema_count.zero_()
 
-    def _normalized(self, t: torch.Tensor) -> torch.Tensor:
-        return F.normalize(t, dim=-1) if self.distance == "cosine" else t
-
     @torch.no_grad()
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest code of every token: ``x`` [T, H] -> ``codes`` [T] (long)."""
@@ -180,16 +209,18 @@ class VectorQuantizer(nn.Module):
             scores = torch.addmm(-(cb * cb).sum(dim=1), xf, cb.t(), alpha=2.0)
         return scores.argmax(dim=1)
 
+    @torch.no_grad()
     def quantize(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """The code vector q of each token, [T, H] (>= fp32), differentiable w.r.t. the codebook.
+        """The code vector q of each token, [T, H] (>= fp32), without gradient.
 
-        With cosine distance the code's direction is placed at the token's norm, so that q lives
-        on the scale of the residual stream.
+        Every expert-input variant stops the gradient through q (METHOD.md), so no graph is
+        built here; the codebook learns through :meth:`loss`. With cosine distance the code's
+        direction is placed at the token's norm, on the scale of the residual stream.
         """
         dtype = _compute_dtype(x)
         q = self.codebook[codes].to(dtype)
         if self.distance == "cosine":
-            q = F.normalize(q, dim=-1) * x.detach().to(dtype).norm(dim=-1, keepdim=True)
+            q = F.normalize(q, dim=-1) * x.to(dtype).norm(dim=-1, keepdim=True)
         return q
 
     def loss(
@@ -201,14 +232,18 @@ class VectorQuantizer(nn.Module):
         vectors, so codes learn directions.
         """
         dtype = _compute_dtype(x)
-        xf = self._normalized(x.to(dtype))
-        cf = self._normalized(self.codebook[codes].to(dtype))
-        per_token = ((xf.detach() - cf) ** 2).mean(dim=-1) + self.commitment_cost * (
-            (xf - cf.detach()) ** 2
-        ).mean(dim=-1)
         if valid is None:
-            return per_token.mean()
-        return (per_token * valid).sum() / valid.sum().clamp(min=1)
+            weights = x.new_full((x.shape[0],), 1.0 / (x.shape[0] * x.shape[1]), dtype=dtype)
+        else:
+            weights = valid.to(dtype) / (valid.sum().clamp(min=1) * x.shape[1])
+        if self.distance == "l2":
+            return _SquaredVQLoss.apply(x, self.codebook, codes, weights, self.commitment_cost)
+        xf = F.normalize(x.to(dtype), dim=-1)
+        cf = F.normalize(self.codebook[codes].to(dtype), dim=-1)
+        per_token = ((xf.detach() - cf) ** 2).sum(dim=-1) + self.commitment_cost * (
+            (xf - cf.detach()) ** 2
+        ).sum(dim=-1)
+        return (per_token * weights).sum()
 
     @torch.no_grad()
     def record(self, x: torch.Tensor, codes: torch.Tensor) -> None:
