@@ -36,8 +36,8 @@ class ModelConfig:
     num_query_groups: Optional[int] = None
     ffn_hidden_size: int = 1024
     """FFN width of the dense (non-MoE) layers."""
-    vocab_size: int = 32000
-    """Must equal the tokenizer's vocabulary size; checked against the data manifest."""
+    vocab_size: Optional[int] = None
+    """Tokenizer vocabulary size; None takes it from the data manifest (checked against it)."""
     seq_length: int = 512
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     activation: Literal["gelu", "swiglu"] = "gelu"
@@ -159,7 +159,17 @@ class TrainConfig:
     """Abort after this many consecutive non-finite losses (the last good checkpoint stays)."""
     tensorboard: bool = True
     dead_code_warn_fraction: float = 0.25
+    """Warn when a layer has this fraction of its codes dead in a log window."""
     imbalance_warn_ratio: float = 4.0
+    """Warn when a layer's busiest expert gets this many times the mean rows."""
+    peak_tflops: Optional[float] = None
+    """Per-device peak for MFU; None looks up known GPUs (bf16) and omits MFU otherwise."""
+    recompute_activations: bool = False
+    """Full activation recomputation per transformer layer (GPU; saves memory)."""
+    reset_dataloader: bool = False
+    """On resume, start the data stream afresh instead of continuing it (e.g. new data)."""
+    inject_nonfinite_steps: list[int] = field(default_factory=list)
+    """Fault injection for tests: make the loss NaN at these steps."""
 
 
 @dataclass
@@ -219,6 +229,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -317,8 +332,11 @@ def load_config(
     """Load ``cls`` from an optional YAML file plus ``key=value`` overrides."""
     data = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "defaults"
+    updates = parse_overrides(overrides)
     try:
-        return from_dict(cls, merge(data, parse_overrides(overrides)), source)
+        from_dict(cls, data, source)
+        from_dict(cls, updates, "command line")
+        return from_dict(cls, merge(data, updates), source)
     except TypeError as exc:  # a dataclass __post_init__ or missing required field
         raise ConfigError(f"{source}: {exc}") from exc
 

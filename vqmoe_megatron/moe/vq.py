@@ -253,6 +253,12 @@ class VectorQuantizer(nn.Module):
             self.step_sums.index_add_(0, codes, x.detach().float())
         self.recent = x.detach()[:MAX_RECENT_TOKENS].float().clone()
 
+    def discard_step_statistics(self) -> None:
+        """Forget this step's usage (the step was skipped, e.g. for a non-finite loss)."""
+        self.step_counts.zero_()
+        if self.update == "ema":
+            self.step_sums.zero_()
+
     @torch.no_grad()
     def init_from_data(
         self,

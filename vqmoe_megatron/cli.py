@@ -1,0 +1,107 @@
+"""Command-line entry points: one clear error line for the mistakes a user can make."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Optional
+
+from vqmoe_megatron.config import ConfigError, PretrainConfig, load_config
+
+
+def _quiet_third_party_warnings() -> None:
+    """megatron and DeepSpeed warn about missing optional GPU packages on every import."""
+    for pattern in (
+        "Apex is not installed",
+        "Transformer Engine and Apex",
+        "full scope is deprecated",
+    ):
+        warnings.filterwarnings("ignore", message=f".*{pattern}.*")
+
+
+def fail(message: str) -> int:
+    """Print ``error: message`` to stderr and return exit code 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def print_dry_run(cfg: PretrainConfig, world_size: Optional[int]) -> int:
+    """Sizes, FLOPs per token and per-device memory of a config, without building tensors."""
+    from vqmoe_megatron.training.flops import (
+        experts_per_token,
+        flops_per_token,
+        memory_estimate_gib,
+        model_size,
+    )
+
+    if cfg.model.vocab_size is None:
+        return fail("model.vocab_size must be set for --dry-run (no data manifest is read)")
+    par = cfg.parallel
+    world = world_size or par.tensor_parallel * par.expert_parallel
+    if world % (par.tensor_parallel * par.expert_parallel):
+        return fail(f"--world-size {world} is not divisible by TP x EP")
+    size = model_size(cfg.model, cfg.moe)
+    flops = flops_per_token(cfg.model, cfg.moe, cfg.model.seq_length)
+    memory = memory_estimate_gib(
+        cfg.model,
+        cfg.moe,
+        par,
+        world_size=world,
+        micro_batch_size=cfg.data.micro_batch_size,
+        zero_stage=cfg.train.zero_stage,
+        precision=cfg.train.precision,
+        recompute=cfg.train.recompute_activations,
+    )
+    print(
+        f"model: {cfg.model.num_layers} layers, d={cfg.model.hidden_size}, "
+        f"{cfg.moe.num_experts} experts ({cfg.moe.router}, {cfg.moe.routing_mode}), "
+        f"{experts_per_token(cfg.moe)} expert FFNs per token"
+    )
+    print(
+        f"parameters: total {size.total:,} | active per token {size.active:,} | "
+        f"experts {size.expert:,} | dense {size.dense:,} | embeddings {size.embedding:,}"
+    )
+    print(f"training FLOPs per token: {flops:.4e} (x{cfg.model.seq_length} tokens per sequence)")
+    print(
+        f"layout: world {world} = TP {par.tensor_parallel} x DP {world // par.tensor_parallel} "
+        f"(EP {par.expert_parallel}), ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, "
+        f"micro-batch {cfg.data.micro_batch_size}"
+    )
+    print(
+        "estimated memory per device (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in memory.items())
+    )
+    return 0
+
+
+def run_pretraining(
+    config_path: str,
+    overrides: Sequence[str],
+    *,
+    dry_run: bool = False,
+    world_size: Optional[int] = None,
+) -> int:
+    """Load the config, then dry-run or train; returns the exit code."""
+    _quiet_third_party_warnings()
+    try:
+        cfg = load_config(PretrainConfig, config_path, overrides)
+    except ConfigError as exc:
+        return fail(str(exc))
+    if dry_run:
+        return print_dry_run(cfg, world_size)
+    from vqmoe_megatron.data import DataError
+    from vqmoe_megatron.distributed import destroy_distributed
+    from vqmoe_megatron.training.checkpoint import CheckpointError
+    from vqmoe_megatron.training.trainer import Pretrainer, TrainingAborted
+
+    trainer = None
+    try:
+        trainer = Pretrainer(cfg)
+        return trainer.run()
+    except (ConfigError, DataError, CheckpointError, TrainingAborted) as exc:
+        return fail(str(exc))
+    finally:
+        if trainer is not None:
+            trainer.close()
+        else:
+            destroy_distributed()

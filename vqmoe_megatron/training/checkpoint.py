@@ -1,0 +1,386 @@
+"""Layout-free, crash-safe training checkpoints.
+
+Layout of ``<output_dir>/checkpoints``::
+
+    step_00000100/
+        dist/                 megatron dist_checkpointing (torch_dist): fp32 master weights,
+                              Adam moments ("optimizer.exp_avg.*", "optimizer.exp_avg_sq.*") and
+                              model buffers (codebook statistics), as global sharded tensors
+        rank_states/rank_00000.pt   per-rank RNG states and data-loader position
+        trainer_state.json    step, counters, LR schedule, optimizer step, layout, signature
+        config.yaml           the resolved run config
+        COMPLETE              written last: a directory without it is never used
+    latest                    the tag of the newest complete checkpoint, replaced atomically
+
+Why not ``engine.save_checkpoint``: DeepSpeed's MoE checkpoint code only understands its own
+MoE layers (``deepspeed_moe.experts.deepspeed_experts.N``) and would keep only data-parallel
+rank 0's experts of a megatron expert-parallel layer. Here every tensor is stored with its
+global shape and offsets (megatron's ``sharded_state_dict``: TP slices and global expert ids), so
+a checkpoint loads at ANY tensor/expert/data-parallel layout: changing EP or DP on resume needs
+no conversion step. The ZeRO-partitioned master weights and moments are assembled with
+DeepSpeed's tensor-fragment API (``safe_get_full_*``) and restored through the same fragment
+mapping DeepSpeed's universal-checkpoint loader uses.
+
+Crash safety: a save goes to ``step_N.partial/``, is renamed to ``step_N/`` when every rank has
+written, gets ``COMPLETE``, and only then does ``latest`` move. Loading falls back to the newest
+complete checkpoint when ``latest`` points at a missing or incomplete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_set_full_fp32_param
+from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+from vqmoe_megatron.config import PretrainConfig, dump_yaml
+from vqmoe_megatron.training.engine import full_fp32_param, full_optimizer_state
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+CHECKPOINT_VERSION = 1
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+STRUCTURAL_FIELDS = {
+    "model": (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "ffn_hidden_size",
+        "vocab_size",
+        "normalization",
+        "activation",
+        "position_embedding_type",
+        "untie_embeddings_and_output_weights",
+    ),
+    "moe": (
+        "num_experts",
+        "expert_ffn_hidden_size",
+        "layer_freq",
+        "router",
+        "routing_mode",
+        "num_codes",
+        "codebook_update",
+        "discrete_layernorm",
+    ),
+}
+"""Settings that change the parameters: a checkpoint only resumes a run that agrees on them."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names it and says what to do."""
+
+
+@dataclass
+class TrainerState:
+    """Scalars of a training run that a resume needs besides the tensors."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    skipped_steps: int = 0
+    optimizer_steps: int = 0
+    lr_scheduler: dict = field(default_factory=dict)
+    layout: dict = field(default_factory=dict)
+    signature: dict = field(default_factory=dict)
+    data_fingerprint: str = ""
+    version: int = CHECKPOINT_VERSION
+
+
+def model_signature(cfg: PretrainConfig) -> dict:
+    """The structural settings of a run (see STRUCTURAL_FIELDS)."""
+    sections = {"model": cfg.model, "moe": cfg.moe}
+    return {
+        f"{section}.{name}": getattr(sections[section], name)
+        for section, names in STRUCTURAL_FIELDS.items()
+        for name in names
+    }
+
+
+def check_signature(saved: dict, current: dict, path: Path) -> None:
+    """Refuse to resume a run whose structure differs from the checkpoint's."""
+    diffs = [
+        f"{key}: checkpoint {saved.get(key)!r}, config {value!r}"
+        for key, value in current.items()
+        if saved.get(key) != value
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a different model; refusing to resume. "
+            + "; ".join(diffs)
+            + ". Use the checkpoint's settings, or a new train.output_dir to start afresh."
+        )
+
+
+def _tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _step_of(path: Path) -> Optional[int]:
+    name = path.name
+    if not name.startswith("step_") or not name[5:].isdigit():
+        return None
+    return int(name[5:])
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _step_of(p) is not None and (p / COMPLETE).is_file()]
+    return sorted(found, key=_step_of)
+
+
+def find_latest(root: Path) -> Optional[Path]:
+    """The checkpoint to resume from: ``latest`` if complete, else the newest complete one."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text(encoding="utf-8").strip()
+        if (candidate / COMPLETE).is_file():
+            return candidate
+    complete = complete_checkpoints(root)
+    return complete[-1] if complete else None
+
+
+def _sharded_state(gpt: torch.nn.Module, optimizer_engine: Optional[Any], for_load: bool) -> dict:
+    """megatron sharded state dict with fp32 master weights and (optionally) Adam moments.
+
+    For saving the tensors are gathered over data parallelism (a collective: every rank calls
+    this with the same model); for loading they are empty fp32 templates.
+    """
+    params = {id(p): p for p in gpt.parameters()}
+    state = {}
+    for key, sh in gpt.sharded_state_dict().items():
+        param = params.get(id(sh.data)) if isinstance(sh, ShardedTensor) else None
+        if param is None:
+            state[key] = sh
+            continue
+        if for_load:
+            master = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+        else:
+            master = full_fp32_param(param)
+        sh32 = replace(sh, data=master, dtype=torch.float32)
+        state[key] = sh32
+        if optimizer_engine is None or not param.requires_grad:
+            continue
+        for name in ADAM_KEYS:
+            if for_load:
+                value = torch.empty_like(master)
+            else:
+                value = full_optimizer_state(optimizer_engine, param, name)
+                if value is None:  # before the first optimizer step Adam's moments are zero
+                    value = torch.zeros_like(master)
+            state[f"optimizer.{name}.{key}"] = make_sharded_optimizer_tensor(
+                sh32, value.float(), f"optimizer.{name}"
+            )
+    return state
+
+
+def _optimizer_step_count(engine: Any) -> int:
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in base.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def _restore_optimizer(engine: Any, moments: dict[torch.nn.Parameter, dict], step: int) -> None:
+    """Rebuild ZeRO's flat Adam state from per-parameter full moments (DeepSpeed's own
+    universal-checkpoint mechanism: fragments per low-precision param, then flat states)."""
+    zero = engine.optimizer
+    if hasattr(zero, "single_partition_of_fp32_groups"):
+        lp_groups, flats = zero.bit16_groups, zero.single_partition_of_fp32_groups
+    elif hasattr(zero, "fp32_groups_flat_partition"):
+        lp_groups, flats = zero.bf16_groups, zero.fp32_groups_flat_partition
+    else:
+        raise CheckpointError(
+            f"resuming optimizer state is supported with ZeRO stages 1 and 2, not "
+            f"{type(zero).__name__}; set train.zero_stage to 1 or 2"
+        )
+    base = zero.optimizer
+    torch_adam = isinstance(base, (torch.optim.Adam, torch.optim.AdamW))
+    for lp_group, flat in zip(lp_groups, flats):
+        for lp in lp_group:
+            mapping = getattr(lp, "_hp_mapping", None)
+            if mapping is None:
+                continue
+            address = mapping.lp_fragment_address
+            mapping.optim_fragment = {
+                key: moments[lp][key].flatten().narrow(0, address.start, address.numel).to(flat)
+                for key in ADAM_KEYS
+            }
+        map_to_flat_opt_states(flat, lp_group, base.state, set(ADAM_KEYS))
+        base.state[flat]["step"] = torch.tensor(float(step)) if torch_adam else step
+
+
+def _rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class CheckpointManager:
+    """Saves, finds, loads and prunes the checkpoints of one run directory."""
+
+    def __init__(self, output_dir: Path, keep_last: int) -> None:
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+
+    def latest(self) -> Optional[Path]:
+        """The checkpoint a restart resumes from (None: start afresh)."""
+        return find_latest(self.root)
+
+    def save(
+        self,
+        gpt: torch.nn.Module,
+        engine: Any,
+        state: TrainerState,
+        cfg: PretrainConfig,
+        loader_state: dict,
+    ) -> Path:
+        """Collective save of step ``state.step``; returns the complete checkpoint directory."""
+        tag = _tag(state.step)
+        final = self.root / tag
+        partial = self.root / f"{tag}.partial"
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            (partial / "rank_states").mkdir(parents=True)
+            (partial / "dist").mkdir()
+        _barrier()
+        sharded = _sharded_state(gpt, engine, for_load=False)
+        dist_checkpointing.save(sharded, str(partial / "dist"))
+        torch.save(
+            {"rng": _rng_state(), "loader": loader_state},
+            partial / "rank_states" / f"rank_{self.rank:05d}.pt",
+        )
+        if self.rank == 0:
+            state.optimizer_steps = _optimizer_step_count(engine)
+            state.lr_scheduler = engine.lr_scheduler.state_dict()
+            (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2), "utf-8")
+            dump_yaml(cfg, partial / "config.yaml")
+        _barrier()
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            (final / COMPLETE).write_text(f"{state.step}\n", "utf-8")
+            pointer = self.root / f"{LATEST}.tmp"
+            pointer.write_text(tag, "utf-8")
+            os.replace(pointer, self.root / LATEST)
+            self._prune(keep=final)
+        _barrier()
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        complete = complete_checkpoints(self.root)
+        for old in complete[: max(len(complete) - self.keep_last, 0)]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def read_state(path: Path) -> TrainerState:
+        """The trainer state of a checkpoint directory (refuses damaged or foreign files)."""
+        file = path / STATE_FILE
+        try:
+            raw = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{file} is missing or damaged ({exc}); remove {path}") from exc
+        if raw.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(
+                f"{file} has checkpoint version {raw.get('version')!r}, this code reads "
+                f"{CHECKPOINT_VERSION}"
+            )
+        return TrainerState(**raw)
+
+    def load(
+        self, path: Path, gpt: torch.nn.Module, engine: Any, cfg: PretrainConfig
+    ) -> tuple[TrainerState, Optional[dict]]:
+        """Load a checkpoint into model + engine at the current layout.
+
+        Returns the trainer state and this rank's saved loader state (None when the layout
+        changed, since per-rank data positions do not carry over to other ranks).
+        """
+        state = self.read_state(path)
+        check_signature(state.signature, model_signature(cfg), path)
+        template = _sharded_state(gpt, engine, for_load=True)
+        try:
+            loaded = dist_checkpointing.load(template, str(path / "dist"))
+        except Exception as exc:  # noqa: BLE001 - any reader failure means an unusable checkpoint
+            raise CheckpointError(f"cannot read tensors of {path}: {exc}") from exc
+        params = {id(p): p for p in gpt.parameters()}
+        moments: dict[torch.nn.Parameter, dict] = {}
+        model_state = {}
+        for key, value in loaded.items():
+            if key.startswith("optimizer."):
+                continue
+            model_state[key] = value
+            param = params.get(id(template[key].data)) if key in template else None
+            if param is None or not param.requires_grad:
+                continue
+            safe_set_full_fp32_param(param, value)
+            moments[param] = {name: loaded[f"optimizer.{name}.{key}"] for name in ADAM_KEYS}
+        gpt.load_state_dict(model_state, strict=True)
+        _restore_optimizer(engine, moments, state.optimizer_steps)
+        engine.lr_scheduler.load_state_dict(state.lr_scheduler)
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+        engine.global_steps = state.step
+        engine.global_samples = state.consumed_samples
+        engine.skipped_steps = state.skipped_steps
+        same_layout = (
+            state.layout.get("world_size") == self.world and state.layout == current_layout()
+        )
+        loader_state = None
+        rank_file = path / "rank_states" / f"rank_{self.rank:05d}.pt"
+        if same_layout and rank_file.is_file():
+            saved = torch.load(rank_file, weights_only=False)
+            _set_rng_state(saved["rng"])
+            loader_state = saved["loader"]
+        return state, loader_state
+
+
+def current_layout() -> dict:
+    """This run's parallel layout (to detect layout changes on resume)."""
+    from megatron.core import parallel_state
+
+    return {
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+        "expert_parallel": parallel_state.get_expert_model_parallel_world_size(),
+        "data_parallel": parallel_state.get_data_parallel_world_size(),
+    }

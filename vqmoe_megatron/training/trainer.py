@@ -1,0 +1,394 @@
+"""The pretraining loop: DeepSpeed engine, data stream, evaluation, logging, checkpoints, signals.
+
+One step = ``gradient_accumulation_steps`` micro-batches then one optimizer step (DeepSpeed
+decides the boundary). After the step, the codebooks are maintained (EMA, dead-code restarts,
+collective over data parallelism). Every ``log_interval`` steps rank 0 prints loss, LR, gradient
+norm, throughput (tokens/s, TFLOP/s per device, MFU) and per-layer routing metrics; every
+``eval_interval`` steps the valid split is evaluated (loss, perplexity, bits per byte).
+
+Stops: normal end (final checkpoint, ``<output_dir>/complete``), SIGTERM/SIGUSR1 (checkpoint,
+``<output_dir>/preempted``, exit 0 so that slurm can requeue), or too many non-finite losses in
+a row (abort with the last good checkpoint left in place).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+    reduce_aux_losses_tracker_across_ranks,
+)
+
+from vqmoe_megatron.config import ConfigError, PretrainConfig, dump_yaml
+from vqmoe_megatron.data import DataError, TokenShardLoader, check_manifest_matches, load_manifest
+from vqmoe_megatron.distributed import ParallelLayout, destroy_distributed, init_distributed
+from vqmoe_megatron.model import VQMoEGPTModel, build_model
+from vqmoe_megatron.moe import metrics
+from vqmoe_megatron.training.checkpoint import (
+    CheckpointManager,
+    TrainerState,
+    current_layout,
+    model_signature,
+)
+from vqmoe_megatron.training.codebook import initialize_codebooks
+from vqmoe_megatron.training.engine import initialize_engine, write_codebook_rows
+from vqmoe_megatron.training.flops import device_peak_tflops, flops_per_token
+from vqmoe_megatron.training.run_logger import RunLogger, progress_line
+
+PREEMPTED = "preempted"
+COMPLETE = "complete"
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on purpose (non-finite losses); the message says why and what to do."""
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 handler: remembers the signal; the loop agrees on it across ranks."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signal = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank as soon as any rank received a signal (collective)."""
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def validate_config(cfg: PretrainConfig) -> None:
+    """Refuse settings that cannot work, naming the setting and the fix."""
+    train, moe = cfg.train, cfg.moe
+    if cfg.data.data_dir is None:
+        raise ConfigError(
+            "data.data_dir is not set: point it at a directory written by data_tools/shard.py"
+        )
+    if train.zero_stage not in (1, 2):
+        raise ConfigError(f"train.zero_stage={train.zero_stage}: use 1 or 2 (expert parallel MoE)")
+    if moe.topk == 1 and not moe.pre_softmax and not moe.reference_router:
+        raise ConfigError(
+            "moe.pre_softmax=false with moe.topk=1 gives every token weight 1 (no router "
+            "gradient); set moe.pre_softmax=true, or moe.reference_router=true to reproduce that"
+        )
+    if train.recompute_activations and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.recompute_activations needs CUDA (megatron saves the CUDA RNG state)"
+        )
+    if train.steps < 1 or train.log_interval < 1 or train.save_interval < 1:
+        raise ConfigError("train.steps, train.log_interval and train.save_interval must be >= 1")
+
+
+def _all_reduce(values: list[float], device: torch.device, group=None) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, group=group)
+    return tensor.tolist()
+
+
+class Pretrainer:
+    """Owns one pretraining run (construct, then :meth:`run`)."""
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        validate_config(cfg)
+        self.layout: ParallelLayout = init_distributed(
+            cfg.parallel.tensor_parallel, cfg.parallel.expert_parallel, seed=cfg.train.seed
+        )
+        self.manifest = load_manifest(cfg.data.data_dir)
+        if cfg.model.vocab_size is None:
+            cfg = replace(cfg, model=replace(cfg.model, vocab_size=self.manifest.vocab_size))
+        check_manifest_matches(
+            self.manifest, vocab_size=cfg.model.vocab_size, seq_length=cfg.model.seq_length
+        )
+        self.cfg = cfg
+        self.out = Path(cfg.train.output_dir)
+        self.rank0 = self.layout.rank == 0
+        if self.rank0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / PREEMPTED).unlink(missing_ok=True)
+            dump_yaml(cfg, self.out / "config.yaml")
+        self.log = RunLogger(self.out, self.rank0, cfg.train.tensorboard)
+        self.log.info(f"layout: {self.layout.describe()}")
+        torch.manual_seed(cfg.train.seed)
+        self.gpt: VQMoEGPTModel = build_model(
+            cfg.model,
+            cfg.moe,
+            cfg.parallel,
+            seed=cfg.train.seed,
+            recompute=cfg.train.recompute_activations,
+        )
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.train_loader = self._loader("train")
+        self.checkpoints = CheckpointManager(self.out, cfg.train.keep_last)
+        resume = self.checkpoints.latest()
+        if resume is None and any(
+            bool(l.router.quantizer.needs_data_init) for l in self.gpt.vq_layers()
+        ):
+            batch = next(iter(self._loader("train")))["tokens"]
+            count = initialize_codebooks(self.gpt, batch, cfg.train.seed)
+            self.log.info(f"k-means initialised {count} codebooks from the first batch")
+        self.engine, self.module = initialize_engine(
+            self.gpt, cfg.train, cfg.data.micro_batch_size, self.manifest.pad_id
+        )
+        self.device = self.engine.device
+        self.state = TrainerState(
+            signature=model_signature(cfg),
+            layout=current_layout(),
+            data_fingerprint=self.manifest.fingerprint,
+        )
+        if resume is not None:
+            self._resume(resume)
+        self.tokens_per_step = (
+            cfg.data.micro_batch_size
+            * cfg.model.seq_length
+            * cfg.train.gradient_accumulation_steps
+            * self.dp_size
+        )
+        self.flops_per_step = (
+            flops_per_token(cfg.model, cfg.moe, cfg.model.seq_length) * self.tokens_per_step
+        )
+        self.peak = cfg.train.peak_tflops or device_peak_tflops(cfg.train.precision)
+        self.stop = StopRequest()
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _loader(self, split: str) -> TokenShardLoader:
+        data = self.cfg.data
+        return TokenShardLoader(
+            data.data_dir,
+            split,
+            micro_batch_size=data.micro_batch_size,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            num_workers=data.num_workers if split == "train" else 0,
+            seed=data.seed,
+            verify_checksums=data.verify_checksums,
+        )
+
+    def _resume(self, path: Path) -> None:
+        self.state, loader_state = self.checkpoints.load(path, self.gpt, self.engine, self.cfg)
+        self.state.layout = current_layout()
+        if self.cfg.train.reset_dataloader:
+            self.log.warning("train.reset_dataloader=true: the data stream starts afresh")
+        elif loader_state is None:
+            self.log.warning(
+                f"resumed {path} at another parallel layout: the per-rank data positions do not "
+                "carry over, so the data stream starts afresh (samples may repeat)"
+            )
+        else:
+            try:
+                self.train_loader.load_state_dict(loader_state)
+            except DataError as exc:
+                raise DataError(
+                    f"{exc}. To continue training on other data set train.reset_dataloader=true"
+                ) from exc
+        self.log.info(f"resumed from {path} at step {self.state.step}")
+
+    # ------------------------------------------------------------------ one step
+    def _train_step(self, batches: Iterator[dict], step: int) -> tuple[float, float, bool]:
+        """Run one optimizer step; returns (NLL sum, target count, non-finite?) on this rank."""
+        nll_total, count_total = 0.0, 0.0
+        skipped_before = self.engine.skipped_steps
+        for _ in range(self.cfg.train.gradient_accumulation_steps):
+            tokens = next(batches)["tokens"].to(self.device)
+            loss, nll, count = self.engine(tokens)
+            if step in self.cfg.train.inject_nonfinite_steps:
+                loss = loss * float("nan")
+                nll = nll * float("nan")
+            self.engine.backward(loss)
+            self.engine.step()
+            nll_total += float(nll)
+            count_total += float(count)
+        skipped = self.engine.skipped_steps > skipped_before
+        nonfinite = skipped or not math.isfinite(nll_total)
+        (flag,) = _all_reduce([1.0 if nonfinite else 0.0], self.device)
+        return nll_total, count_total, flag > 0
+
+    def _maintain_codebooks(self, step: int, applied: bool) -> None:
+        if applied:
+            restarts = self.gpt.maintain_codebooks(
+                step, self.cfg.train.seed, write_rows=write_codebook_rows(self.engine)
+            )
+            for layer, restart in restarts.items():
+                self.log.info(f"layer {layer}: restarted {restart.codes.numel()} dead codes")
+        else:
+            for layer in self.gpt.vq_layers():
+                layer.router.quantizer.discard_step_statistics()
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss, perplexity and bits per byte on the valid split (all ranks)."""
+        split = self.manifest.splits.get("valid")
+        if split is None or split.samples == 0:
+            return {}
+        loader = self._loader("valid")
+        limit = self.cfg.train.eval_batches
+        self.engine.eval()
+        metrics.set_enabled(False)
+        nll, count = 0.0, 0.0
+        try:
+            for index, batch in enumerate(loader):
+                if limit is not None and index >= limit:
+                    break
+                _, batch_nll, batch_count = self.engine(batch["tokens"].to(self.device))
+                nll += float(batch_nll)
+                count += float(batch_count)
+        finally:
+            metrics.set_enabled(True)
+            self.engine.train()
+        nll, count = _all_reduce(
+            [nll, count], self.device, parallel_state.get_data_parallel_group()
+        )
+        loss = nll / max(count, 1.0)
+        bytes_per_token = split.bytes / max(split.tokens, 1)
+        return {
+            "loss": loss,
+            "ppl": math.exp(min(loss, 50.0)),
+            "bpb": nll / math.log(2) / max(count * bytes_per_token, 1.0),
+            "tokens": count,
+        }
+
+    # ------------------------------------------------------------------ logging
+    def _routing_summary(self, steps: int) -> dict[str, float]:
+        """Flatten per-layer routing metrics and megatron's aux losses for logging."""
+        values: dict[str, float] = {}
+        warn = self.cfg.train
+        for layer, stats in metrics.summarize().items():
+            for name, value in stats.items():
+                values[f"layer{layer}/{name}"] = value
+            codes = self.cfg.moe.num_codes or self.cfg.moe.num_experts
+            if stats.get("dead_codes", 0) >= warn.dead_code_warn_fraction * codes:
+                self.log.warning(f"layer {layer}: {int(stats['dead_codes'])}/{codes} codes unused")
+            if stats.get("imbalance", 0) >= warn.imbalance_warn_ratio:
+                self.log.warning(f"layer {layer}: expert imbalance {stats['imbalance']:.2f}x mean")
+        reduce_aux_losses_tracker_across_ranks()
+        micro_steps = steps * self.cfg.train.gradient_accumulation_steps
+        for name, entry in get_moe_layer_wise_logging_tracker().items():
+            for layer, value in enumerate(entry["values"].tolist(), start=1):
+                if value:
+                    values[f"layer{layer}/{name}"] = value / micro_steps
+        clear_aux_losses_tracker()
+        return values
+
+    def _log(self, step: int, window: dict, start_time: float, start_step: int) -> None:
+        nll, count = _all_reduce(
+            [window["nll"], window["count"]], self.device, parallel_state.get_data_parallel_group()
+        )
+        elapsed = window["time"]
+        steps = window["steps"]
+        tflops = self.flops_per_step * steps / max(elapsed, 1e-9) / self.layout.world_size / 1e12
+        values: dict[str, Any] = {
+            "loss": nll / max(count, 1.0),
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "tokens_per_s": self.tokens_per_step * steps / max(elapsed, 1e-9),
+            "tflops_per_device": tflops,
+            "step_time_s": elapsed / max(steps, 1),
+            "skipped_steps": self.state.skipped_steps,
+        }
+        if self.peak:
+            values["mfu"] = tflops / self.peak
+        routing = self._routing_summary(steps)
+        headline = {
+            k: values[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device")
+        }
+        self.log.info(
+            progress_line(
+                step, self.cfg.train.steps, headline, time.time() - start_time, step - start_step
+            )
+        )
+        self.log.scalars(step, {**values, **routing})
+
+    # ------------------------------------------------------------------ the loop
+    def save(self) -> Path:
+        """Checkpoint the current step (collective)."""
+        path = self.checkpoints.save(
+            self.gpt, self.engine, self.state, self.cfg, self.train_loader.state_dict()
+        )
+        self.log.info(f"saved checkpoint {path}")
+        return path
+
+    def run(self) -> int:
+        """Train to ``train.steps``; returns the process exit code (0 also when preempted)."""
+        train = self.cfg.train
+        batches = iter(self.train_loader)
+        start_step = self.state.step
+        start_time = time.time()
+        window = {"nll": 0.0, "count": 0.0, "time": 0.0, "steps": 0}
+        nonfinite_run = 0
+        self.log.info(
+            f"training steps {start_step + 1}..{train.steps}: {self.tokens_per_step} tokens/step"
+        )
+        for step in range(start_step + 1, train.steps + 1):
+            began = time.perf_counter()
+            nll, count, nonfinite = self._train_step(batches, step)
+            self.state.step = step
+            self.state.consumed_samples += self.tokens_per_step // self.cfg.model.seq_length
+            self.state.consumed_tokens += self.tokens_per_step
+            self._maintain_codebooks(step, applied=not nonfinite)
+            if nonfinite:
+                nonfinite_run += 1
+                self.state.skipped_steps += 1
+                self.log.warning(
+                    f"step {step}: non-finite loss, update skipped ({nonfinite_run} in a row)"
+                )
+                if nonfinite_run >= train.max_nonfinite_steps:
+                    last = self.checkpoints.latest()
+                    raise TrainingAborted(
+                        f"{nonfinite_run} non-finite losses in a row (steps "
+                        f"{step - nonfinite_run + 1}..{step}); stopping. The last good checkpoint "
+                        f"is {last or 'none (no checkpoint was saved yet)'}; lower train.lr or "
+                        "raise train.warmup_steps / train.grad_clip and restart from it."
+                    )
+            else:
+                nonfinite_run = 0
+                window["nll"] += nll
+                window["count"] += count
+            window["time"] += time.perf_counter() - began
+            window["steps"] += 1
+            if step % train.log_interval == 0 or step == train.steps:
+                self._log(step, window, start_time, start_step)
+                window = {"nll": 0.0, "count": 0.0, "time": 0.0, "steps": 0}
+            if train.eval_interval and (step % train.eval_interval == 0 or step == train.steps):
+                result = self.evaluate()
+                if result:
+                    self.log.info(
+                        f"eval step {step} | loss {result['loss']:.4f} | ppl {result['ppl']:.2f} "
+                        f"| bpb {result['bpb']:.4f}"
+                    )
+                    self.log.scalars(step, result, kind="eval")
+            if self.stop.agreed(self.device):
+                self.save()
+                if self.rank0:
+                    (self.out / PREEMPTED).write_text(f"step {step} signal {self.stop.signal}\n")
+                self.log.info(f"stopping at step {step} on a signal; resubmit to continue")
+                return 0
+            if step % train.save_interval == 0 and step != train.steps:
+                self.save()
+        self.save()
+        if self.rank0:
+            (self.out / COMPLETE).write_text(f"{self.state.step}\n")
+        self.log.info("training complete")
+        return 0
+
+    def close(self) -> None:
+        """Release files and process groups."""
+        self.log.close()
+        destroy_distributed()
