@@ -139,7 +139,7 @@ class Pretrainer:
         self.checkpoints = CheckpointManager(self.out, cfg.train.keep_last)
         resume = self.checkpoints.latest()
         if resume is None and any(
-            bool(l.router.quantizer.needs_data_init) for l in self.gpt.vq_layers()
+            bool(layer.router.quantizer.needs_data_init) for layer in self.gpt.vq_layers()
         ):
             batch = next(iter(self._loader("train")))["tokens"]
             count = initialize_codebooks(self.gpt, batch, cfg.train.seed)
