@@ -1,4 +1,4 @@
-"""Shared builders for the data tests: a tiny tokenizer, built once per session.
+"""Shared builders for the data tests: a tiny tokenizer and shard sets, each built once per session.
 
 pytest fixtures imported into several modules would be built once per module; these helpers
 cache their outputs under the session's base temp directory instead.
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from vqmoe_megatron.data.sharding import ShardSettings, build_shards
 from vqmoe_megatron.data.tokenizer_training import TokenizerSettings, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +34,31 @@ def tiny_tokenizer(factory: pytest.TempPathFactory) -> Path:
             progress=False,
         )
     return model
+
+
+def tiny_shards(factory: pytest.TempPathFactory, name: str, **settings) -> Path:
+    """Shards of the fixture (seq_length 64 unless given), built once per ``name``."""
+    output = factory.getbasetemp() / "data_shards" / name
+    if not (output / "manifest.json").exists():
+        build_shards(
+            shard_settings(factory, output, **settings), progress=False, log=lambda _: None
+        )
+    return output
+
+
+def shard_settings(factory: pytest.TempPathFactory, output: Path, **settings) -> ShardSettings:
+    """ShardSettings for the fixture with the tiny tokenizer; keywords override."""
+    values = {
+        "inputs": [str(FIXTURE)],
+        "tokenizer": str(tiny_tokenizer(factory)),
+        "output": str(output),
+        "seq_length": 64,
+        "valid_fraction": 0.2,
+        "shard_size_mb": 0.1,
+        "workers": 2,
+        **settings,
+    }
+    return ShardSettings(**values)
 
 
 def run_tool(script: str, *args: str, cwd: Path = REPO, env: dict | None = None):

@@ -65,7 +65,7 @@ def test_resumed_packer_continues_exactly():
         resumed = _pack(
             None,
             chunks=[stream[restart_at : restart_at + 13], stream[restart_at + 13 :]],
-            position=restart_at,
+            first_position=restart_at,
             skip_until=k * 3 * S,
         )
         assert len(resumed) == len(fresh) - k

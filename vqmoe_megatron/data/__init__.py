@@ -5,6 +5,7 @@ inspect); README.md ("Data") describes the commands, the manifest and the packin
 """
 
 from vqmoe_megatron.data.errors import DataError
+from vqmoe_megatron.data.loader import TokenShardLoader
 from vqmoe_megatron.data.manifest import (
     Manifest,
     ShardInfo,
@@ -19,6 +20,7 @@ __all__ = [
     "Manifest",
     "ShardInfo",
     "SplitInfo",
+    "TokenShardLoader",
     "Tokenizer",
     "check_manifest_matches",
     "load_manifest",

@@ -17,9 +17,10 @@ import numpy as np
 class StreamPacker:
     """Cuts one split's stream into shards of ``samples_per_shard`` samples [n, S + 1].
 
-    ``position`` is the stream position of the next token passed to ``add`` (0 starts a fresh
-    stream with its leading EOS). Tokens before ``skip_until`` are dropped: a resumed run feeds
-    the stream from a checkpoint and the packer starts cutting at the first unfinished shard.
+    The packer puts the leading EOS at position 0 itself; ``first_position`` is the stream
+    position of the first token passed to ``add`` (1 for a fresh stream). Tokens before
+    ``skip_until`` are dropped: a resumed run feeds the stream from a checkpoint and the packer
+    starts cutting at the first unfinished shard.
     """
 
     def __init__(
@@ -30,19 +31,19 @@ class StreamPacker:
         eos_id: int,
         pad_id: int,
         dtype: str,
-        position: int = 0,
+        first_position: int = 1,
         skip_until: int = 0,
     ):
         self.seq_length = seq_length
         self.samples_per_shard = samples_per_shard
         self.pad_id = pad_id
         self.dtype = np.dtype(dtype)
-        self.position = position
         self.skip_until = skip_until
         self._parts: list[np.ndarray] = []
         self._length = 0
-        if position == 0:
-            self._append(np.array([eos_id], dtype=self.dtype))
+        self.position = 0
+        self._append(np.array([eos_id], dtype=self.dtype))
+        self.position = first_position
 
     def _append(self, ids: np.ndarray) -> None:
         drop = min(max(self.skip_until - self.position, 0), len(ids))
