@@ -1,0 +1,84 @@
+"""Tokenize text into WebDataset shards for pretraining: ``python data_tools/shard.py --help``.
+
+Writes OUTPUT/{train,valid}-NNNNNN.tar and OUTPUT/manifest.json. Each split is one token
+stream (EOS, then every document followed by EOS) cut into samples of seq_length + 1 ids that
+overlap by one token; the last sample is padded with the tokenizer's pad id. Documents go to
+train or valid by a seeded hash of their text. Re-running the same command verifies and skips
+finished work, and continues an interrupted run.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.remove(str(Path(__file__).resolve().parent))
+
+from collections.abc import Sequence
+from typing import Optional
+
+from vqmoe_megatron.data.cli import available_cpus, parse_settings, run_cli, text_tool_parser
+from vqmoe_megatron.data.sharding import ShardSettings, build_shards
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> tuple[ShardSettings, bool]:
+    defaults = ShardSettings(inputs=[], tokenizer="", output="", seq_length=0)
+    p = text_tool_parser(__doc__)
+    p.add_argument(
+        "--tokenizer", required=True, help="sentencepiece .model from train_tokenizer.py"
+    )
+    p.add_argument("--output", required=True, help="directory for the shards and manifest.json")
+    p.add_argument(
+        "--seq-length",
+        type=int,
+        required=True,
+        help="model.seq_length of the runs that will read the shards",
+    )
+    p.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=defaults.valid_fraction,
+        help="fraction of documents (by hash) that go to the valid split",
+    )
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=defaults.split_seed,
+        help="seed of the train/valid document hash",
+    )
+    p.add_argument(
+        "--shard-size-mb",
+        type=float,
+        default=defaults.shard_size_mb,
+        help="target size of one shard in MiB",
+    )
+    p.add_argument("--workers", type=int, default=available_cpus(), help="tokenizer processes")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace shards of another corpus in OUTPUT (only once the new set is complete)",
+    )
+    return parse_settings(p, argv, ShardSettings)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    settings, quiet = parse_args(argv)
+    manifest = build_shards(settings, progress=not quiet)
+    for name, split in manifest["splits"].items():
+        print(
+            f"{name}: {split['documents']} documents, {split['tokens']:,} tokens, "
+            f"{split['bytes']:,} bytes, {split['samples']} samples in {len(split['shards'])} shards"
+        )
+    for source in manifest["sources"]:
+        if source["replaced_characters"]:
+            print(
+                f"warning: {source['path']}: replaced {source['replaced_characters']} invalid "
+                "UTF-8 sequences with U+FFFD"
+            )
+    skipped = sum(s["empty_documents"] for s in manifest["sources"])
+    if skipped:
+        print(f"skipped {skipped} empty documents")
+    print(f"manifest: {Path(settings.output) / 'manifest.json'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

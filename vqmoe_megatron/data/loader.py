@@ -1,0 +1,263 @@
+"""The training and evaluation data loader over the shards of data_tools/shard.py.
+
+Each loader worker (a torch DataLoader worker, or this process with ``num_workers=0``) streams
+the samples of one slot of ``schedule.SlotSchedule``, one sample per DataLoader fetch; torch
+hands them over round-robin over the workers, and this process groups them into micro-batches.
+The state is, per worker, how many of its samples went into batches already handed out, plus
+which worker is next in the round-robin. A fresh loader given that state starts each worker at
+its position and rotates the worker-to-slot assignment so that the round-robin continues with the
+same slot: the resumed sequence equals the uninterrupted one exactly, whatever the workers had
+prefetched when the run stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vqmoe_megatron.data.errors import DataError
+from vqmoe_megatron.data.manifest import Manifest, load_manifest
+from vqmoe_megatron.data.schedule import SlotSchedule
+from vqmoe_megatron.data.shard_format import iter_shard
+
+STATE_VERSION = 1
+_STATE_KEYS = (
+    "split",
+    "data_fingerprint",
+    "seed",
+    "dp_rank",
+    "dp_size",
+    "num_workers",
+    "micro_batch_size",
+    "shuffle",
+    "infinite",
+)
+
+
+class _SlotStream(IterableDataset):
+    """The samples of this rank's slots; each DataLoader worker streams one slot."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        schedules: list[SlotSchedule],
+        start: list[int],
+        rotation: int,
+        *,
+        infinite: bool,
+        verify_checksums: bool,
+    ):
+        self.manifest = manifest
+        self.shards = manifest.split(split).shards
+        self.first_index = np.cumsum([0] + [s.samples for s in self.shards])
+        self.schedules = schedules
+        self.start = start
+        self.rotation = rotation
+        self.infinite = infinite
+        self.verify_checksums = verify_checksums
+
+    def _read(self, shard: int, wanted: np.ndarray) -> dict[int, np.ndarray]:
+        """The wanted samples of one shard (all of it is read, and checked)."""
+        info = self.shards[shard]
+        keep = set(wanted.tolist())
+        first = int(self.first_index[shard])
+        return {
+            index - first: array
+            for index, array in iter_shard(
+                self.manifest.shard_path(info),
+                first_index=first,
+                samples=info.samples,
+                sample_length=self.manifest.seq_length + 1,
+                dtype=self.manifest.dtype,
+                vocab_size=self.manifest.vocab_size,
+                sha256=info.sha256 if self.verify_checksums else None,
+            )
+            if index - first in keep
+        }
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = get_worker_info()
+        slot = ((worker.id if worker else 0) + self.rotation) % len(self.schedules)
+        schedule = self.schedules[slot]
+        try:
+            walk = schedule.walk(self.start[slot], epochs=None if self.infinite else 1)
+            for _, shard, wanted in walk:
+                arrays = self._read(shard, wanted)
+                first = int(self.first_index[shard])
+                for local in wanted.tolist():
+                    yield {
+                        "tokens": torch.from_numpy(arrays[local].astype(np.int64)),
+                        "index": first + local,
+                        "slot": slot,
+                    }
+        except DataError as exc:
+            yield {"error": str(exc)}
+
+
+class TokenShardLoader:
+    """Micro-batches ``{"tokens": LongTensor [B, seq_length + 1], "index": LongTensor [B]}``.
+
+    ``index`` is each sample's number within the split. Train (``infinite``, shuffled): an endless
+    stream, reshuffled every epoch with ``(seed, epoch)``. Eval (finite, in order): the ranks get
+    disjoint parts of the split that together hold every sample once; the last batch may be
+    smaller, and a finished pass starts over on the next ``iter()``. ``state_dict()`` describes
+    exactly the batches handed out so far; ``load_state_dict()`` on a fresh loader with the same
+    data and settings continues from there.
+    """
+
+    def __init__(
+        self,
+        data_dir: Union[str, Path],
+        split: str = "train",
+        *,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        num_workers: int,
+        seed: int,
+        shuffle: Optional[bool] = None,
+        infinite: Optional[bool] = None,
+        verify_checksums: bool = False,
+    ):
+        if micro_batch_size < 1 or num_workers < 0 or seed < 0 or not 0 <= dp_rank < dp_size:
+            raise DataError(
+                "data loader settings out of range: need micro_batch_size >= 1, num_workers >= 0, "
+                f"seed >= 0 and 0 <= dp_rank < dp_size (got {micro_batch_size}, {num_workers}, "
+                f"{seed}, {dp_rank}, {dp_size})"
+            )
+        self.manifest = load_manifest(data_dir)
+        self.split = split
+        info = self.manifest.split(split)
+        if info.samples == 0:
+            raise DataError(
+                f"split '{split}' of {self.manifest.path} has no samples; re-shard with a larger "
+                "--valid-fraction (valid) or more text"
+            )
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.infinite = split == "train" if infinite is None else infinite
+        self.shuffle = self.infinite if shuffle is None else shuffle
+        self.verify_checksums = verify_checksums
+        workers = max(1, num_workers)
+        counts = tuple(s.samples for s in info.shards)
+        self._schedules = [
+            SlotSchedule(counts, dp_rank * workers + w, dp_size * workers, seed, self.shuffle)
+            for w in range(workers)
+        ]
+        last = SlotSchedule(counts, dp_size * workers - 1, dp_size * workers, seed, self.shuffle)
+        if self.infinite and last.epoch_length(0) == 0:  # the last slot gets the fewest samples
+            raise DataError(
+                f"split '{split}' of {self.manifest.path} has {info.samples} samples in "
+                f"{len(counts)} shards: too few for dp_size x num_workers = {dp_size * workers} "
+                "streams; use fewer loader workers, smaller shards or more data"
+            )
+        self._reset()
+
+    def _reset(self) -> None:
+        self._consumed = [0] * len(self._schedules)
+        self._next_slot = 0
+        self._batches = 0
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank reads per epoch (per pass, for a finite loader)."""
+        return sum(s.epoch_length(0) for s in self._schedules)
+
+    def __len__(self) -> int:
+        """Batches in one pass of a finite loader."""
+        if self.infinite:
+            raise TypeError("an infinite (training) loader has no length")
+        return -(-self.num_samples // self.micro_batch_size)
+
+    def _batch(self, items: list[dict]) -> dict:
+        """Collate and count the samples as handed out (this is all the state there is)."""
+        for item in items:
+            self._consumed[item["slot"]] += 1
+            self._next_slot = (item["slot"] + 1) % len(self._schedules)
+        self._batches += 1
+        return {
+            "tokens": torch.stack([item["tokens"] for item in items]),
+            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        }
+
+    def __iter__(self) -> Iterator[dict]:
+        stream = _SlotStream(
+            self.manifest,
+            self.split,
+            self._schedules,
+            list(self._consumed),
+            self._next_slot,
+            infinite=self.infinite,
+            verify_checksums=self.verify_checksums,
+        )
+        loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=max(2, self.micro_batch_size) if self.num_workers else None,
+        )
+        items: list[dict] = []
+        for item in loader:
+            if "error" in item:
+                raise DataError(item["error"])
+            items.append(item)
+            if len(items) == self.micro_batch_size:
+                yield self._batch(items)
+                items = []
+        if items:
+            yield self._batch(items)
+        self._reset()
+
+    def state_dict(self) -> dict:
+        """A small JSON-serialisable description of the position (and of what it is valid for)."""
+        return {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "data_fingerprint": self.manifest.fingerprint,
+            "seed": self.seed,
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "num_workers": self.num_workers,
+            "micro_batch_size": self.micro_batch_size,
+            "shuffle": self.shuffle,
+            "infinite": self.infinite,
+            "consumed": list(self._consumed),
+            "next_slot": self._next_slot,
+            "batches": self._batches,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``; refuse one saved with other data or settings."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise DataError(
+                f"data loader state has version {state.get('version') if isinstance(state, dict) else None!r}, "
+                f"this code reads version {STATE_VERSION}; start the data stream afresh"
+            )
+        mine = self.state_dict()
+        differences = [
+            f"{key} was {state.get(key)!r}, is now {mine[key]!r}"
+            for key in _STATE_KEYS
+            if state.get(key) != mine[key]
+        ]
+        if differences:
+            raise DataError(
+                "cannot resume the data loader exactly: "
+                + "; ".join(differences)
+                + ". Resume with the saved settings and data, or start the data stream afresh "
+                "(skip load_state_dict)"
+            )
+        consumed = state.get("consumed")
+        if not isinstance(consumed, list) or len(consumed) != len(self._schedules):
+            raise DataError(f"data loader state is damaged: 'consumed' is {consumed!r}")
+        self._consumed = [int(c) for c in consumed]
+        self._next_slot = int(state["next_slot"]) % len(self._schedules)
+        self._batches = int(state["batches"])

@@ -1,0 +1,148 @@
+"""The on-disk shard format: plain WebDataset tars of token samples.
+
+A shard ``{split}-{index:06d}.tar`` holds one member per sample, named ``{n:010d}.tokens.npy``
+where ``n`` is the sample's index within its split; the member is a 1-D ``.npy`` array of
+``seq_length + 1`` token ids (uint16 or uint32). Headers are written with fixed owner, mode and
+mtime, so the same data always gives byte-identical shards (and the same sha256). ``tar``,
+``numpy.load`` and ``webdataset`` read them without this package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from webdataset.tariterators import tar_file_iterator
+
+from vqmoe_megatron.data.errors import DataError
+
+SAMPLE_SUFFIX = "tokens.npy"
+_TAR_BLOCK = 512
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def member_name(sample_index: int) -> str:
+    return f"{sample_index:010d}.{SAMPLE_SUFFIX}"
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The narrowest unsigned dtype that holds every id: uint16 up to 65536 pieces, else uint32."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+@lru_cache(maxsize=8)
+def _npy_header(sample_length: int, dtype: str) -> bytes:
+    """The .npy header of a 1-D little-endian array of ``sample_length`` ids (same for all)."""
+    buf = io.BytesIO()
+    array = np.zeros(sample_length, dtype=np.dtype(dtype).newbyteorder("<"))
+    np.lib.format.write_array(buf, array, allow_pickle=False)
+    return buf.getvalue()[: -array.nbytes]
+
+
+def member_bytes(sample_length: int, dtype: str) -> int:
+    """Bytes one sample takes in a tar: header block plus the .npy payload padded to 512."""
+    payload = len(_npy_header(sample_length, dtype)) + sample_length * np.dtype(dtype).itemsize
+    return _TAR_BLOCK + -(-payload // _TAR_BLOCK) * _TAR_BLOCK
+
+
+def shard_bytes(samples: np.ndarray, first_index: int) -> bytes:
+    """The tar file of ``samples`` [n, seq_length + 1], numbered from ``first_index``."""
+    header = _npy_header(samples.shape[1], samples.dtype.name)
+    little = samples.astype(samples.dtype.newbyteorder("<"), copy=False)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for offset, row in enumerate(little):
+            payload = header + row.tobytes()
+            info = tarfile.TarInfo(member_name(first_index + offset))
+            info.size = len(payload)
+            info.mode = 0o644
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+class _HashingReader:
+    """A read-only file wrapper that hashes everything read through it."""
+
+    def __init__(self, f: io.BufferedReader):
+        self._f = f
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> str:
+        """Hash the rest of the file (tar padding) and return the hex sha256 of all of it."""
+        while self.read(1 << 20):
+            pass
+        return self.digest.hexdigest()
+
+
+def _damaged(path: Path, detail: str) -> DataError:
+    return DataError(
+        f"shard {path} is truncated or corrupt: {detail}; re-run data_tools/shard.py with the "
+        "same arguments (it rebuilds damaged shards) or restore the file"
+    )
+
+
+def iter_shard(
+    path: Path,
+    *,
+    first_index: int,
+    samples: int,
+    sample_length: int,
+    dtype: str,
+    vocab_size: int,
+    sha256: Optional[str] = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(sample_index, ids [seq_length + 1])`` for every member of one shard, in order.
+
+    Checks member names, array shape, dtype and id range, and the sample count; with ``sha256``
+    also the file's checksum (checked after the last sample, before the generator finishes).
+    """
+    if not path.is_file():
+        raise DataError(
+            f"shard {path} is missing; re-run data_tools/shard.py with the same arguments to "
+            "rebuild it"
+        )
+    expected_dtype = np.dtype(dtype).newbyteorder("<")
+    count = 0
+    with open(path, "rb") as raw:
+        reader = _HashingReader(raw)
+        try:
+            for member in tar_file_iterator(reader):
+                index = first_index + count
+                if member["fname"] != member_name(index):
+                    raise _damaged(
+                        path, f"member {member['fname']!r} where {member_name(index)!r} belongs"
+                    )
+                array = np.lib.format.read_array(io.BytesIO(member["data"]), allow_pickle=False)
+                if array.shape != (sample_length,) or array.dtype != expected_dtype:
+                    raise _damaged(
+                        path,
+                        f"{member['fname']} is {array.dtype}{list(array.shape)}, expected "
+                        f"{dtype}[{sample_length}]",
+                    )
+                if int(array.max()) >= vocab_size:
+                    raise _damaged(path, f"{member['fname']} holds ids >= vocab size {vocab_size}")
+                count += 1
+                yield index, array
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            if isinstance(exc, DataError):
+                raise
+            raise _damaged(path, f"{exc} after {count} of {samples} samples") from exc
+        if count != samples:
+            raise _damaged(path, f"it holds {count} samples, the manifest says {samples}")
+        if sha256 is not None and reader.drain() != sha256:
+            raise _damaged(path, "its sha256 differs from the one in manifest.json")

@@ -1,0 +1,428 @@
+"""Text -> token shards (the work behind data_tools/shard.py).
+
+The main process cuts the inputs into chunks (``sources.iter_chunks``); worker processes decode,
+tokenize and assign each document to train or valid by a seeded hash of its text (so the split is
+deterministic, independent of file order and worker count, and duplicates land together); the
+main process appends their ids to each split's ``StreamPacker`` and writes every full shard.
+Resume: the chunk log says which chunk fed which stream positions, so a re-run starts tokenizing
+at the first chunk still needed by an unfinished shard (see ``_resume_plan``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import multiprocessing
+import platform
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from vqmoe_megatron.data.errors import DataError
+from vqmoe_megatron.data.manifest import FORMAT, FORMAT_VERSION, SPLITS
+from vqmoe_megatron.data.packing import StreamPacker
+from vqmoe_megatron.data.shard_format import member_bytes, shard_bytes, shard_name, token_dtype
+from vqmoe_megatron.data.shard_workspace import ShardRecord, ShardWorkspace
+from vqmoe_megatron.data.sources import (
+    Chunk,
+    Source,
+    TextDocuments,
+    byte_progress,
+    decode_chunk,
+    iter_chunks,
+    resolve_inputs,
+)
+from vqmoe_megatron.data.tokenizer import Tokenizer
+
+CHUNK_BYTES = 1 << 20
+PACKING = (
+    "per split one stream: EOS, then each document's ids followed by EOS; sample i = "
+    "stream[i*S : i*S+S+1] (S = seq_length, consecutive samples overlap by one token); the last "
+    "sample is padded with pad_id"
+)
+
+
+@dataclass
+class ShardSettings:
+    """Everything data_tools/shard.py was asked to do (written to the manifest as ``settings``)."""
+
+    inputs: list[str]
+    tokenizer: str
+    output: str
+    seq_length: int
+    valid_fraction: float = 0.01
+    split_seed: int = 1234
+    shard_size_mb: float = 128.0
+    text_documents: TextDocuments = "file"
+    jsonl_field: str = "text"
+    workers: int = 1
+    overwrite: bool = False
+
+
+@dataclass
+class ChunkResult:
+    """What one chunk adds to each split (index 0 train, 1 valid): ids with EOS after each
+    document, documents, UTF-8 bytes; plus empty documents skipped and characters replaced."""
+
+    chunk: int
+    source: int
+    disk_bytes: int
+    ids: tuple[np.ndarray, np.ndarray]
+    documents: tuple[int, int]
+    bytes: tuple[int, int]
+    empty: int
+    replaced: int
+
+    def record(self) -> dict:
+        """The chunk log line (everything but the ids)."""
+        return {
+            "chunk": self.chunk,
+            "source": self.source,
+            "tokens": [len(a) for a in self.ids],
+            "documents": list(self.documents),
+            "bytes": list(self.bytes),
+            "empty": self.empty,
+            "replaced": self.replaced,
+        }
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(model: str, sources: list[Source], settings: ShardSettings, dtype: str) -> None:
+    tokenizer = Tokenizer(model)
+    _WORKER.update(
+        tokenizer=tokenizer,
+        sources=sources,
+        settings=settings,
+        dtype=np.dtype(dtype),
+        salt=settings.split_seed.to_bytes(8, "little", signed=True),
+        threshold=int(settings.valid_fraction * 2.0**64),
+    )
+
+
+def _concat_with_eos(docs: list[list[int]], eos_id: int, dtype: np.dtype) -> np.ndarray:
+    out = np.empty(sum(len(d) for d in docs) + len(docs), dtype=dtype)
+    position = 0
+    for doc in docs:
+        end = position + len(doc)
+        out[position:end] = doc
+        out[end] = eos_id
+        position = end + 1
+    return out
+
+
+def tokenize_chunk(chunk: Chunk) -> ChunkResult:
+    """Decode, split and tokenize one chunk (runs in a worker process)."""
+    w = _WORKER
+    settings: ShardSettings = w["settings"]
+    decoded = decode_chunk(
+        chunk,
+        w["sources"][chunk.source],
+        text_documents=settings.text_documents,
+        jsonl_field=settings.jsonl_field,
+    )
+    encoded = w["tokenizer"].encode_batch(decoded.texts)
+    docs: tuple[list, list] = ([], [])
+    sizes = [0, 0]
+    for text, ids in zip(decoded.texts, encoded):
+        data = text.encode("utf-8")
+        digest = hashlib.blake2b(data, digest_size=8, salt=w["salt"]).digest()
+        split = int(int.from_bytes(digest, "little") < w["threshold"])
+        docs[split].append(ids)
+        sizes[split] += len(data)
+    eos = w["tokenizer"].eos_id
+    return ChunkResult(
+        chunk=chunk.index,
+        source=chunk.source,
+        disk_bytes=chunk.disk_bytes,
+        ids=(
+            _concat_with_eos(docs[0], eos, w["dtype"]),
+            _concat_with_eos(docs[1], eos, w["dtype"]),
+        ),
+        documents=(len(docs[0]), len(docs[1])),
+        bytes=(sizes[0], sizes[1]),
+        empty=decoded.empty,
+        replaced=decoded.replaced,
+    )
+
+
+@dataclass
+class _Totals:
+    """Counts summed over chunk records, per split and per source."""
+
+    split: dict[str, dict[str, int]]
+    source: list[dict[str, int]]
+
+    @classmethod
+    def empty(cls, sources: int) -> _Totals:
+        return cls(
+            split={s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS},
+            source=[
+                {"documents": 0, "empty_documents": 0, "replaced_characters": 0}
+                for _ in range(sources)
+            ],
+        )
+
+    def add(self, record: dict) -> None:
+        for i, split in enumerate(SPLITS):
+            for key in ("documents", "tokens", "bytes"):
+                self.split[split][key] += record[key][i]
+        source = self.source[record["source"]]
+        source["documents"] += sum(record["documents"])
+        source["empty_documents"] += record["empty"]
+        source["replaced_characters"] += record["replaced"]
+
+
+class _SplitWriter:
+    """Both splits' packers and finished shards: turns chunk results into staged shards."""
+
+    def __init__(
+        self,
+        workspace: ShardWorkspace,
+        tokenizer: Tokenizer,
+        *,
+        sources: int,
+        seq_length: int,
+        samples_per_shard: int,
+        dtype: str,
+        kept: list[dict],
+        done: dict[str, int],
+    ):
+        self.workspace = workspace
+        self.samples_per_shard = samples_per_shard
+        self.totals = _Totals.empty(sources)
+        for record in kept:
+            self.totals.add(record)
+        self.shards = {
+            s: [workspace.valid[shard_name(s, k)] for k in range(done[s])] for s in SPLITS
+        }
+        self.packers = {
+            split: StreamPacker(
+                seq_length=seq_length,
+                samples_per_shard=samples_per_shard,
+                eos_id=tokenizer.eos_id,
+                pad_id=tokenizer.pad_id,
+                dtype=dtype,
+                first_position=1 + self.totals.split[split]["tokens"],
+                skip_until=done[split] * samples_per_shard * seq_length,
+            )
+            for split in SPLITS
+        }
+
+    def add(self, result: ChunkResult) -> None:
+        """Log the chunk, append its ids to the streams, stage every shard that fills up."""
+        record = result.record()
+        self.workspace.log_chunk(record)
+        self.totals.add(record)
+        for split, ids in zip(SPLITS, result.ids):
+            for samples in self.packers[split].add(ids):
+                self._emit(split, samples)
+
+    def finish(self) -> None:
+        """Stage the last, padded shard of each split."""
+        for split in SPLITS:
+            for samples in self.packers[split].finish():
+                self._emit(split, samples)
+
+    def progress(self) -> str:
+        tokens = sum(t["tokens"] for t in self.totals.split.values())
+        return f"{tokens:,} tokens, {sum(len(s) for s in self.shards.values())} shards"
+
+    def _emit(self, split: str, samples: np.ndarray) -> None:
+        index = len(self.shards[split])
+        data = shard_bytes(samples, index * self.samples_per_shard)
+        digest = hashlib.sha256(data).hexdigest()
+        record = ShardRecord(shard_name(split, index), len(samples), len(data), digest)
+        self.workspace.store_shard(record, data)
+        self.shards[split].append(record)
+
+
+def _resume_plan(
+    chunks: list[dict], valid: dict[str, ShardRecord], samples_per_shard: int, seq_length: int
+) -> tuple[int, dict[str, int]]:
+    """First chunk to tokenize again, and per split how many leading shards are already done.
+
+    Shard ``k`` of a split starts at stream position ``k * samples_per_shard * seq_length``; the
+    chunk log gives the stream position after each chunk (position 0 is the leading EOS, which
+    the packer adds itself). The run restarts at the earliest chunk that adds tokens at or past
+    the start of the first unfinished shard of some split.
+    """
+    done, restart = {}, len(chunks)
+    for i, split in enumerate(SPLITS):
+        k = 0
+        while shard_name(split, k) in valid:
+            k += 1
+        done[split] = k
+        needed, end = k * samples_per_shard * seq_length, 1
+        for c, record in enumerate(chunks):
+            end += record["tokens"][i]
+            if end > needed and record["tokens"][i]:
+                restart = min(restart, c)
+                break
+    return restart, done
+
+
+def _manifest(
+    settings: ShardSettings,
+    tokenizer: Tokenizer,
+    sources: list[Source],
+    workspace: ShardWorkspace,
+    totals: _Totals,
+    shards: dict[str, list[ShardRecord]],
+    dtype: str,
+    samples_per_shard: int,
+) -> dict:
+    splits = {}
+    for split in SPLITS:
+        samples = sum(r.samples for r in shards[split])
+        if samples != -(-totals.split[split]["tokens"] // settings.seq_length):
+            raise RuntimeError(
+                f"internal error: {split} has {samples} samples for {totals.split[split]}"
+            )
+        splits[split] = {
+            **totals.split[split],
+            "samples": samples,
+            "shards": [dataclasses.asdict(r) for r in shards[split]],
+        }
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": workspace.fingerprint,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tokenizer": {
+            "model": str(tokenizer.path.resolve()),
+            "sha256": tokenizer.sha256,
+            "vocab_size": tokenizer.vocab_size,
+            "pad_id": tokenizer.pad_id,
+            "eos_id": tokenizer.eos_id,
+            "bos_id": tokenizer.bos_id,
+            "unk_id": tokenizer.unk_id,
+            "sep_id": tokenizer.sep_id,
+        },
+        "seq_length": settings.seq_length,
+        "sample_length": settings.seq_length + 1,
+        "dtype": dtype,
+        "samples_per_shard": samples_per_shard,
+        "packing": PACKING,
+        "splits": splits,
+        "sources": [
+            {"path": str(s.path), "size": s.size, **counts}
+            for s, counts in zip(sources, totals.source)
+        ],
+        "identity": workspace.identity,
+        "settings": dataclasses.asdict(settings),
+        "versions": {
+            "sentencepiece": spm.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def build_shards(
+    settings: ShardSettings, *, progress: bool = True, log: Callable[[str], None] = print
+) -> dict:
+    """Tokenize and shard ``settings.inputs`` into ``settings.output``; return the manifest.
+
+    A re-run with the same inputs and settings verifies the existing shards and returns at once,
+    or continues an interrupted run (see module docstring).
+    """
+    if settings.seq_length < 1 or not 0.0 <= settings.valid_fraction < 1.0 or settings.workers < 1:
+        raise DataError(
+            f"need --seq-length >= 1, 0 <= --valid-fraction < 1 and --workers >= 1 (got "
+            f"{settings.seq_length}, {settings.valid_fraction}, {settings.workers})"
+        )
+    sources = resolve_inputs(settings.inputs)
+    tokenizer = Tokenizer(settings.tokenizer)
+    dtype = token_dtype(tokenizer.vocab_size)
+    samples_per_shard = max(
+        1, int(settings.shard_size_mb * 2**20) // member_bytes(settings.seq_length + 1, dtype)
+    )
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer_sha256": tokenizer.sha256,
+        "seq_length": settings.seq_length,
+        "samples_per_shard": samples_per_shard,
+        "valid_fraction": settings.valid_fraction,
+        "split_seed": settings.split_seed,
+        "text_documents": settings.text_documents,
+        "jsonl_field": settings.jsonl_field,
+        "chunk_bytes": CHUNK_BYTES,
+        "sources": [[str(s.path), s.size, s.mtime_ns] for s in sources],
+    }
+    workspace = ShardWorkspace(
+        Path(settings.output), identity, overwrite=settings.overwrite, progress=progress, log=log
+    )
+    finished = workspace.up_to_date()
+    if finished is not None:
+        log(
+            f"{settings.output} is up to date ({len(workspace.valid)} shards verified); nothing to do"
+        )
+        return finished
+    chunk_log = workspace.resume()
+    restart, done = _resume_plan(chunk_log, workspace.valid, samples_per_shard, settings.seq_length)
+    kept = chunk_log[:restart]
+    if restart or any(done.values()):
+        log(f"resuming: {sum(done.values())} shards done, re-reading from input chunk {restart}")
+    workspace.start(kept)
+    writer = _SplitWriter(
+        workspace,
+        tokenizer,
+        sources=len(sources),
+        seq_length=settings.seq_length,
+        samples_per_shard=samples_per_shard,
+        dtype=dtype,
+        kept=kept,
+        done=done,
+    )
+    context = multiprocessing.get_context()
+    with context.Pool(
+        settings.workers,
+        initializer=_init_worker,
+        initargs=(settings.tokenizer, sources, settings, dtype),
+    ) as pool:
+        bar = byte_progress(sources, "sharding", progress)
+        pending: deque = deque()
+
+        def drain(limit: int) -> None:
+            while len(pending) > limit:
+                result = pending.popleft().get()
+                writer.add(result)
+                bar.update(result.disk_bytes)
+                bar.set_postfix_str(writer.progress(), refresh=False)
+
+        for chunk in iter_chunks(
+            sources, text_documents=settings.text_documents, chunk_bytes=CHUNK_BYTES
+        ):
+            if chunk.index < restart:
+                bar.update(chunk.disk_bytes)
+                continue
+            pending.append(pool.apply_async(tokenize_chunk, (chunk,)))
+            drain(2 * settings.workers)
+        drain(0)
+        bar.close()
+    if sum(t["documents"] for t in writer.totals.split.values()) == 0:
+        empty = sum(s["empty_documents"] for s in writer.totals.source)
+        raise DataError(
+            f"no documents in the inputs ({len(sources)} file(s), {empty} empty document(s) "
+            "skipped); pass files that contain text"
+        )
+    writer.finish()
+    manifest = _manifest(
+        settings,
+        tokenizer,
+        sources,
+        workspace,
+        writer.totals,
+        writer.shards,
+        dtype,
+        samples_per_shard,
+    )
+    workspace.commit(manifest)
+    return manifest
