@@ -46,7 +46,12 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
 from vqmoe_megatron.config import PretrainConfig, dump_yaml
-from vqmoe_megatron.training.engine import full_fp32_param, full_optimizer_state
+from vqmoe_megatron.training.engine import (
+    flat_optimizer_groups,
+    full_fp32_param,
+    full_optimizer_state,
+    optimizer_steps_taken,
+)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -156,14 +161,18 @@ def find_latest(root: Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
-def _sharded_state(gpt: torch.nn.Module, optimizer_engine: Optional[Any], for_load: bool) -> dict:
-    """megatron sharded state dict with fp32 master weights and (optionally) Adam moments.
+def _sharded_state(
+    gpt: torch.nn.Module, optimizer_engine: Optional[Any], for_load: bool
+) -> tuple[dict, dict[str, torch.nn.Parameter]]:
+    """megatron sharded state dict with fp32 master weights and (optionally) Adam moments,
+    plus the parameter behind each parameter entry's key.
 
     For saving the tensors are gathered over data parallelism (a collective: every rank calls
     this with the same model); for loading they are empty fp32 templates.
     """
     params = {id(p): p for p in gpt.parameters()}
     state = {}
+    owners = {}
     for key, sh in gpt.sharded_state_dict().items():
         param = params.get(id(sh.data)) if isinstance(sh, ShardedTensor) else None
         if param is None:
@@ -175,6 +184,7 @@ def _sharded_state(gpt: torch.nn.Module, optimizer_engine: Optional[Any], for_lo
             master = full_fp32_param(param)
         sh32 = replace(sh, data=master, dtype=torch.float32)
         state[key] = sh32
+        owners[key] = param
         if optimizer_engine is None or not param.requires_grad:
             continue
         for name in ADAM_KEYS:
@@ -187,33 +197,19 @@ def _sharded_state(gpt: torch.nn.Module, optimizer_engine: Optional[Any], for_lo
             state[f"optimizer.{name}.{key}"] = make_sharded_optimizer_tensor(
                 sh32, value.float(), f"optimizer.{name}"
             )
-    return state
-
-
-def _optimizer_step_count(engine: Any) -> int:
-    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for state in base.state.values():
-        if "step" in state:
-            return int(state["step"])
-    return 0
+    return state, owners
 
 
 def _restore_optimizer(engine: Any, moments: dict[torch.nn.Parameter, dict], step: int) -> None:
     """Rebuild ZeRO's flat Adam state from per-parameter full moments (DeepSpeed's own
     universal-checkpoint mechanism: fragments per low-precision param, then flat states)."""
-    zero = engine.optimizer
-    if hasattr(zero, "single_partition_of_fp32_groups"):
-        lp_groups, flats = zero.bit16_groups, zero.single_partition_of_fp32_groups
-    elif hasattr(zero, "fp32_groups_flat_partition"):
-        lp_groups, flats = zero.bf16_groups, zero.fp32_groups_flat_partition
-    else:
-        raise CheckpointError(
-            f"resuming optimizer state is supported with ZeRO stages 1 and 2, not "
-            f"{type(zero).__name__}; set train.zero_stage to 1 or 2"
-        )
-    base = zero.optimizer
+    try:
+        groups = flat_optimizer_groups(engine)
+    except ValueError as exc:
+        raise CheckpointError(f"cannot resume the optimizer state: {exc}") from exc
+    base = engine.optimizer.optimizer
     torch_adam = isinstance(base, (torch.optim.Adam, torch.optim.AdamW))
-    for lp_group, flat in zip(lp_groups, flats):
+    for lp_group, flat in groups:
         for lp in lp_group:
             mapping = getattr(lp, "_hp_mapping", None)
             if mapping is None:
@@ -283,14 +279,14 @@ class CheckpointManager:
             (partial / "rank_states").mkdir(parents=True)
             (partial / "dist").mkdir()
         _barrier()
-        sharded = _sharded_state(gpt, engine, for_load=False)
+        sharded, _ = _sharded_state(gpt, engine, for_load=False)
         dist_checkpointing.save(sharded, str(partial / "dist"))
         torch.save(
             {"rng": _rng_state(), "loader": loader_state},
             partial / "rank_states" / f"rank_{self.rank:05d}.pt",
         )
         if self.rank == 0:
-            state.optimizer_steps = _optimizer_step_count(engine)
+            state.optimizer_steps = optimizer_steps_taken(engine)
             state.lr_scheduler = engine.lr_scheduler.state_dict()
             (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2), "utf-8")
             dump_yaml(cfg, partial / "config.yaml")
@@ -337,19 +333,18 @@ class CheckpointManager:
         """
         state = self.read_state(path)
         check_signature(state.signature, model_signature(cfg), path)
-        template = _sharded_state(gpt, engine, for_load=True)
+        template, owners = _sharded_state(gpt, engine, for_load=True)
         try:
             loaded = dist_checkpointing.load(template, str(path / "dist"))
         except Exception as exc:  # noqa: BLE001 - any reader failure means an unusable checkpoint
             raise CheckpointError(f"cannot read tensors of {path}: {exc}") from exc
-        params = {id(p): p for p in gpt.parameters()}
         moments: dict[torch.nn.Parameter, dict] = {}
         model_state = {}
         for key, value in loaded.items():
             if key.startswith("optimizer."):
                 continue
             model_state[key] = value
-            param = params.get(id(template[key].data)) if key in template else None
+            param = owners.get(key)
             if param is None or not param.requires_grad:
                 continue
             safe_set_full_fp32_param(param, value)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups as ds_groups
 from deepspeed.utils import (
+    lazy_init_hp_params_optimizer_state,
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
     safe_set_full_fp32_param,
@@ -305,16 +306,47 @@ def full_fp32_param(param: nn.Parameter) -> torch.Tensor:
     return param.detach().float() if value is None else value
 
 
+def flat_optimizer_groups(engine: Any) -> list[tuple[list[nn.Parameter], torch.Tensor]]:
+    """(low-precision params, flat fp32 partition) per optimizer group of ZeRO-1/2 / bf16."""
+    zero = engine.optimizer
+    if hasattr(zero, "single_partition_of_fp32_groups"):
+        return list(zip(zero.bit16_groups, zero.single_partition_of_fp32_groups))
+    if hasattr(zero, "fp32_groups_flat_partition"):
+        return list(zip(zero.bf16_groups, zero.fp32_groups_flat_partition))
+    raise ValueError(
+        f"{type(zero).__name__} is not a ZeRO stage 1/2 or bf16 optimizer; use train.zero_stage 1 or 2"
+    )
+
+
+def optimizer_steps_taken(engine: Any) -> int:
+    """Adam's step counter (0 before the first applied optimizer step)."""
+    base = engine.optimizer.optimizer
+    for state in base.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def link_optimizer_state_fragments(engine: Any) -> None:
+    """Point every parameter's fragment mapping at the current Adam state.
+
+    DeepSpeed 0.19.8 links the fragments once, right after the FIRST parameter group's first
+    optimizer step, when the later groups have no state yet; their parameters then raise
+    "exp_avg not found in optimizer state fragment" in ``safe_get_full_optimizer_state``
+    forever. Re-linking with DeepSpeed's own helper fixes every group (idempotent).
+    """
+    state = engine.optimizer.optimizer.state
+    for lp_group, flat in flat_optimizer_groups(engine):
+        if state.get(flat):
+            lazy_init_hp_params_optimizer_state(lp_group, flat, state)
+
+
 def full_optimizer_state(engine: Any, param: nn.Parameter, key: str) -> Optional[torch.Tensor]:
     """Full Adam moment ``key`` of a parameter (collective over DP); None before the first step."""
-    try:
-        value = safe_get_full_optimizer_state(param, key)
-    except (ValueError, KeyError):
+    if optimizer_steps_taken(engine) == 0:
         return None
-    if value is None:
-        state = engine.optimizer.state.get(param, {}) if hasattr(engine.optimizer, "state") else {}
-        value = state.get(key)
-    return value
+    link_optimizer_state_fragments(engine)
+    return safe_get_full_optimizer_state(param, key)
 
 
 def write_codebook_rows(engine: Any) -> Callable[[nn.Parameter, torch.Tensor, torch.Tensor], None]:
