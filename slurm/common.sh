@@ -20,11 +20,12 @@
 #   do the launchers.
 # - Not `--signal=B:USR1`: that reaches only this batch shell, which would then have to pass the
 #   signal on to every node (scancel --signal), i.e. to where slurm delivers it anyway.
-# - SIGTERM (scancel, the time limit itself, preemption by slurm) also reaches every process:
-#   the training processes save on it, but only within KillWait (slurm.conf, often 30 s) and the
-#   launchers' 30 s shutdown grace, and the batch shell is killed too, so the job ends CANCELLED
-#   or TIMEOUT without a requeue; resubmitting resumes from the checkpoint. USR1 with a generous
-#   lead time is the intended path.
+# - SIGTERM (scancel, the time limit itself, `scontrol requeue`, preemption by slurm) also
+#   reaches every process: the training processes save on it, but only within KillWait
+#   (slurm.conf, often 30 s) and the launchers' 30 s shutdown grace; the batch shell is killed
+#   too. After scancel or the time limit the job ends (CANCELLED, TIMEOUT) and resubmitting
+#   resumes; after `scontrol requeue` or preemption in REQUEUE mode slurm requeues it itself.
+#   USR1 with a generous lead time is the intended path.
 # - After the step ends: a stale `preempted` was removed before the launch, so if the file now
 #   exists this run was preempted and saved: `scontrol requeue` puts the job back in the queue
 #   (same job id, SLURM_RESTART_COUNT counts the restarts, the log is appended to; slurm holds a

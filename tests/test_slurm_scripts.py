@@ -65,6 +65,30 @@ def test_usr1_checkpoints_every_rank_then_job_requeues_and_resumes(
 
 
 @pytest.mark.slow
+def test_scontrol_requeue_sends_sigterm_ranks_save_and_the_next_run_resumes(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """Requeue from outside (an admin, or slurm preemption in REQUEUE mode): SIGTERM reaches the
+    ranks on both nodes, they save within KillWait, slurm requeues, the next run resumes."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = slurm_cluster.submit(
+        SLURM_DIR / "pretrain_large.sh",
+        env=standin.script_env(out, extra="standin.wait_for_signal=300"),
+        args=["-N", "2", *CPU_NODE_ARGS, f"--output={log}"],
+    )
+    _wait_started(slurm_cluster, job, out, ranks=2)
+    slurm_cluster.requeue(job)
+
+    assert slurm_cluster.wait(job, timeout=300) == "COMPLETED", log.read_text()
+    first = {e["node"]: e["signal"] for e in _events(out, "signal", 0)}
+    assert first == {NODES[0]: "SIGTERM", NODES[1]: "SIGTERM"}, log.read_text()
+    assert len(_events(out, "saved", 0)) == 2, log.read_text()
+    assert slurm_cluster.job(job)["Restarts"] == "1"
+    assert all(e["resumed"] for e in _events(out, "started", 1))
+    assert (out / "complete").exists() and not (out / "preempted").exists()
+
+
+@pytest.mark.slow
 def test_time_limit_signal_from_sbatch_header_reaches_training(
     slurm_cluster: SlurmCluster, tmp_path: Path
 ) -> None:
