@@ -12,6 +12,7 @@ prefetched when the run stopped.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional, Union
@@ -98,6 +99,15 @@ class _SlotStream(IterableDataset):
                     }
         except DataError as exc:
             yield {"error": str(exc)}
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM/SIGUSR1: slurm and torchrun signal every process of a job,
+    and a worker dying of it would crash the trainer while it saves its checkpoint. The
+    trainer handles the signal and shuts its workers down itself."""
+    del worker_id
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class TokenShardLoader:
@@ -204,6 +214,7 @@ class TokenShardLoader:
             batch_size=None,
             num_workers=self.num_workers,
             prefetch_factor=max(2, self.micro_batch_size) if self.num_workers else None,
+            worker_init_fn=_ignore_stop_signals,
         )
         items: list[dict] = []
         for item in loader:

@@ -99,7 +99,7 @@ class TrainerState:
     consumed_tokens: int = 0
     skipped_steps: int = 0
     optimizer_steps: int = 0
-    lr_scheduler: dict = field(default_factory=dict)
+    scheduler_steps: int = 0
     layout: dict = field(default_factory=dict)
     signature: dict = field(default_factory=dict)
     data_fingerprint: str = ""
@@ -116,12 +116,12 @@ def model_signature(cfg: PretrainConfig) -> dict:
     }
 
 
-def check_signature(saved: dict, current: dict, path: Path) -> None:
+def check_signature(saved: dict, current: dict, path: Path, ignore: tuple[str, ...] = ()) -> None:
     """Refuse to resume a run whose structure differs from the checkpoint's."""
     diffs = [
         f"{key}: checkpoint {saved.get(key)!r}, config {value!r}"
         for key, value in current.items()
-        if saved.get(key) != value
+        if key not in ignore and saved.get(key) != value
     ]
     if diffs:
         raise CheckpointError(
@@ -159,6 +159,57 @@ def find_latest(root: Path) -> Optional[Path]:
             return candidate
     complete = complete_checkpoints(root)
     return complete[-1] if complete else None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """The complete step directory meant by ``path``: a run directory, its ``checkpoints``
+    directory (newest complete step) or a step directory."""
+    path = Path(path)
+    if (path / COMPLETE).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = find_latest(root) if root.is_dir() else None
+        if found is not None:
+            return found
+    if path.name.startswith("step_") and path.is_dir():
+        raise CheckpointError(f"{path} is an incomplete checkpoint (no {COMPLETE} file)")
+    raise CheckpointError(
+        f"no complete checkpoint at {path}: give a run directory, its checkpoints/ directory "
+        "or a checkpoints/step_* directory written by pretrain/pretrain_vqmoe.py"
+    )
+
+
+def read_checkpoint_config(step_dir: Path) -> PretrainConfig:
+    """The resolved run config stored with a checkpoint."""
+    from vqmoe_megatron.config import ConfigError, load_config
+
+    try:
+        return load_config(PretrainConfig, Path(step_dir) / "config.yaml")
+    except ConfigError as exc:
+        raise CheckpointError(f"cannot read the config of checkpoint {step_dir}: {exc}") from exc
+
+
+def load_model_weights(gpt: torch.nn.Module, step_dir: Path, cfg: PretrainConfig) -> TrainerState:
+    """Load a checkpoint's fp32 weights and buffers into ``gpt`` (any TP/EP layout, no optimizer).
+
+    ``gpt`` may be in another routing mode than the checkpoint: a ``discrete`` model simply
+    does not ask for the router and gate weights. Collective over all ranks.
+    """
+    state = CheckpointManager.read_state(step_dir)
+    check_signature(state.signature, model_signature(cfg), step_dir, ignore=("moe.routing_mode",))
+    template, _ = _sharded_state(gpt, None, for_load=True)
+    try:
+        loaded = dist_checkpointing.load(template, str(Path(step_dir) / "dist"))
+    except Exception as exc:  # noqa: BLE001 - any reader failure means an unusable checkpoint
+        hint = ""
+        if (
+            state.signature.get("moe.routing_mode") == "discrete"
+            and cfg.moe.routing_mode == "pretrain"
+        ):
+            hint = " (the checkpoint was trained in discrete mode: it has no router or gate)"
+        raise CheckpointError(f"cannot read the weights of {step_dir}{hint}: {exc}") from exc
+    gpt.load_state_dict(loaded, strict=True)
+    return state
 
 
 def _sharded_state(
@@ -221,6 +272,16 @@ def _restore_optimizer(engine: Any, moments: dict[torch.nn.Parameter, dict], ste
             }
         map_to_flat_opt_states(flat, lp_group, base.state, set(ADAM_KEYS))
         base.state[flat]["step"] = torch.tensor(float(step)) if torch_adam else step
+
+
+def _restore_schedule(scheduler: Any, param_groups: list, steps: int) -> None:
+    """Put a LambdaLR at ``steps`` and set the groups' LR (the group count may differ from the
+    saving run: expert parallelism adds DeepSpeed's MoE groups)."""
+    scheduler.last_epoch = steps
+    lrs = [base * fn(steps) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def _rng_state() -> dict:
@@ -287,7 +348,7 @@ class CheckpointManager:
         )
         if self.rank == 0:
             state.optimizer_steps = optimizer_steps_taken(engine)
-            state.lr_scheduler = engine.lr_scheduler.state_dict()
+            state.scheduler_steps = engine.lr_scheduler.last_epoch
             (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2), "utf-8")
             dump_yaml(cfg, partial / "config.yaml")
         _barrier()
@@ -328,8 +389,8 @@ class CheckpointManager:
     ) -> tuple[TrainerState, Optional[dict]]:
         """Load a checkpoint into model + engine at the current layout.
 
-        Returns the trainer state and this rank's saved loader state (None when the layout
-        changed, since per-rank data positions do not carry over to other ranks).
+        Returns the trainer state and this rank's saved loader state (None when the data-parallel
+        layout changed, since per-rank data positions do not carry over to other ranks).
         """
         state = self.read_state(path)
         check_signature(state.signature, model_signature(cfg), path)
@@ -351,18 +412,20 @@ class CheckpointManager:
             moments[param] = {name: loaded[f"optimizer.{name}.{key}"] for name in ADAM_KEYS}
         gpt.load_state_dict(model_state, strict=True)
         _restore_optimizer(engine, moments, state.optimizer_steps)
-        engine.lr_scheduler.load_state_dict(state.lr_scheduler)
-        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-            group["lr"] = lr
+        _restore_schedule(engine.lr_scheduler, engine.optimizer.param_groups, state.scheduler_steps)
         engine.global_steps = state.step
         engine.global_samples = state.consumed_samples
         engine.skipped_steps = state.skipped_steps
-        same_layout = (
-            state.layout.get("world_size") == self.world and state.layout == current_layout()
+        now = current_layout()
+        # Per-rank data positions and RNG streams carry over when every rank keeps its data-
+        # parallel position: same world, TP and DP sizes (EP may change: it splits no data).
+        same_data_ranks = all(
+            state.layout.get(key) == now[key]
+            for key in ("world_size", "tensor_parallel", "data_parallel")
         )
         loader_state = None
         rank_file = path / "rank_states" / f"rank_{self.rank:05d}.pt"
-        if same_layout and rank_file.is_file():
+        if same_data_ranks and rank_file.is_file():
             saved = torch.load(rank_file, weights_only=False)
             _set_rng_state(saved["rng"])
             loader_state = saved["loader"]

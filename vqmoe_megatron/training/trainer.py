@@ -166,6 +166,7 @@ class Pretrainer:
         )
         self.peak = cfg.train.peak_tflops or device_peak_tflops(cfg.train.precision)
         self.stop = StopRequest()
+        self._batches: Optional[Iterator[dict]] = None
 
     # ------------------------------------------------------------------ set-up helpers
     def _loader(self, split: str) -> TokenShardLoader:
@@ -328,7 +329,7 @@ class Pretrainer:
     def run(self) -> int:
         """Train to ``train.steps``; returns the process exit code (0 also when preempted)."""
         train = self.cfg.train
-        batches = iter(self.train_loader)
+        self._batches = batches = iter(self.train_loader)
         start_step = self.state.step
         start_time = time.time()
         window = {"nll": 0.0, "count": 0.0, "time": 0.0, "steps": 0}
@@ -380,7 +381,7 @@ class Pretrainer:
                     (self.out / PREEMPTED).write_text(f"step {step} signal {self.stop.signal}\n")
                 self.log.info(f"stopping at step {step} on a signal; resubmit to continue")
                 return 0
-            if step % train.save_interval == 0 and step != train.steps:
+            if step % train.save_interval == 0 and step != train.steps and not nonfinite_run:
                 self.save()
         self.save()
         if self.rank0:
@@ -389,6 +390,9 @@ class Pretrainer:
         return 0
 
     def close(self) -> None:
-        """Release files and process groups."""
+        """Stop the loader workers, release files and process groups."""
+        if self._batches is not None:
+            self._batches.close()  # shuts the DataLoader workers down (they ignore SIGTERM)
+            self._batches = None
         self.log.close()
         destroy_distributed()

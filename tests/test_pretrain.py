@@ -1,0 +1,347 @@
+"""End-to-end pretraining runs of the real CLI on the SOTU fixture (tiny config, CPU, gloo).
+
+Covers: loss drops and every output is written; bit-exact resume after a clean stop; SIGTERM
+mid-run leaves a loadable checkpoint and the rerun continues exactly (2 ranks, EP = 2, ZeRO-2);
+partial saves fall back to the last complete checkpoint; incompatible configs are refused;
+non-finite losses are skipped, then abort; the expert-parallel size changes on resume; the
+DeepSpeed and MPI launchers; --dry-run of the large config; bad data settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from data_helpers import tiny_shards
+from dist_utils import child_env, free_port
+
+from vqmoe_megatron.training.checkpoint import find_latest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "pretrain" / "pretrain_vqmoe.py"
+CONFIG = REPO / "pretrain" / "configs" / "tiny.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return tiny_shards(tmp_path_factory, "pretrain", shard_size_mb=0.05)
+
+
+def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"data.data_dir={shards}",
+        f"train.output_dir={out}",
+        "train.tensorboard=false",
+        "train.eval_interval=0",
+        "train.log_interval=1",
+        "train.save_interval=1000",
+        *extra,
+    ]
+
+
+def _command(nproc: int, launcher: str = "torchrun") -> list[str]:
+    if nproc == 1 and launcher == "python":
+        return [sys.executable, str(SCRIPT)]
+    if launcher == "deepspeed":
+        return [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            str(SCRIPT),
+        ]
+    if launcher == "mpirun":
+        return [
+            shutil.which("mpirun") or "mpirun",
+            "-np",
+            str(nproc),
+            "--oversubscribe",
+            "-x",
+            "PYTHONPATH",
+            sys.executable,
+            str(SCRIPT),
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(SCRIPT),
+    ]
+
+
+def _env() -> dict:
+    return child_env(
+        {
+            "OMPI_ALLOW_RUN_AS_ROOT": "1",
+            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            "OMPI_MCA_btl": "self,tcp",
+        }
+    )
+
+
+def pretrain(
+    shards: Path,
+    out: Path,
+    *extra: str,
+    nproc: int = 1,
+    launcher: str = "python",
+    check: bool = True,
+):
+    """Run the CLI to completion; returns the CompletedProcess."""
+    cmd = [*_command(nproc, launcher), "--config", str(CONFIG), *_overrides(shards, out, *extra)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"pretraining failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-5000:]}"
+        )
+    return proc
+
+
+def records(out: Path, kind: str = "train") -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def losses(out: Path) -> dict[int, tuple[float, float]]:
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in records(out)}
+
+
+def test_tiny_run_learns_and_writes_its_outputs(shards, tmp_path):
+    out = tmp_path / "run"
+    proc = pretrain(
+        shards, out, "train.steps=60", "train.eval_interval=30", "train.save_interval=30"
+    )
+    train = records(out)
+    assert [r["step"] for r in train] == list(range(1, 61))
+    first = sum(r["loss"] for r in train[:5]) / 5
+    last = sum(r["loss"] for r in train[-5:]) / 5
+    assert math.isfinite(last) and last < first - 0.8, (first, last)
+    evals = records(out, "eval")
+    assert [r["step"] for r in evals] == [30, 60]
+    assert 0 < evals[-1]["bpb"] < evals[-1]["loss"] / math.log(2)
+    assert evals[-1]["ppl"] == pytest.approx(math.exp(evals[-1]["loss"]), rel=1e-6)
+    last_train = train[-1]
+    for key in (
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "tflops_per_device",
+        "layer1/code_perplexity",
+        "layer1/gate_discrete",
+        "layer1/imbalance",
+        "layer1/load_balancing_loss",
+    ):
+        assert key in last_train, key
+    assert (out / "complete").is_file() and (out / "config.yaml").is_file()
+    assert find_latest(out / "checkpoints").name == "step_00000060"
+    assert "training complete" in proc.stdout
+
+
+def test_resume_after_clean_stop_is_bit_exact(shards, tmp_path):
+    pretrain(shards, tmp_path / "a", "train.steps=8")
+    pretrain(shards, tmp_path / "b", "train.steps=4")
+    proc = pretrain(shards, tmp_path / "b", "train.steps=8")
+    assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+
+
+def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before step {step}: {proc.stdout.read()[-3000:]}")
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and any(r["step"] >= step for r in records(out)):
+            return
+        time.sleep(0.1)
+    pytest.fail(f"step {step} not reached in {timeout} s")
+
+
+@pytest.mark.distributed
+def test_sigterm_mid_run_checkpoints_and_rerun_continues_exactly(shards, tmp_path):
+    """2 ranks, EP = 2, ZeRO-2: a run whose rank 1 gets SIGTERM equals an uninterrupted one."""
+    extra = ("train.steps=40", "parallel.expert_parallel=2", "train.zero_stage=2")
+    reference = tmp_path / "reference"
+    pretrain(shards, reference, *extra, nproc=2, launcher="torchrun")
+    out = tmp_path / "killed"
+    cmd = [*_command(2), "--config", str(CONFIG), *_overrides(shards, out, *extra)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO
+    )
+    try:
+        _wait_for_step(out, 3, proc)
+        # Signal one training rank only (as a node-local preemption would): the ranks agree
+        # on the stop at the next step boundary.
+        ranks = [
+            c for c in psutil.Process(proc.pid).children() if str(SCRIPT) in " ".join(c.cmdline())
+        ]
+        assert len(ranks) == 2
+        ranks[-1].send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    stopped = int((out / "preempted").read_text().split()[1])
+    assert 3 <= stopped < 40
+    assert find_latest(out / "checkpoints").name == f"step_{stopped:08d}"
+    assert not (out / "complete").exists()
+    rerun = pretrain(shards, out, *extra, nproc=2, launcher="torchrun")
+    assert f"at step {stopped}" in rerun.stdout
+    assert not (out / "preempted").exists() and (out / "complete").exists()
+    assert losses(out) == losses(reference)
+
+
+def test_partial_save_falls_back_to_last_complete_checkpoint(shards, tmp_path):
+    out = tmp_path / "run"
+    pretrain(shards, out, "train.steps=4", "train.save_interval=2")
+    root = out / "checkpoints"
+    (root / "step_00000004" / "COMPLETE").unlink()  # a save that died before it finished
+    (root / "step_00000006.partial").mkdir()
+    assert find_latest(root).name == "step_00000002"
+    proc = pretrain(shards, out, "train.steps=5")
+    assert "step_00000002 at step 2" in proc.stdout
+
+
+def test_resume_with_an_incompatible_model_is_refused(shards, tmp_path):
+    out = tmp_path / "run"
+    pretrain(shards, out, "train.steps=2")
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    proc = pretrain(shards, out, "train.steps=4", "model.hidden_size=96", check=False)
+    assert proc.returncode == 2
+    assert "model.hidden_size: checkpoint 64, config 96" in proc.stderr
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_nonfinite_losses_are_skipped_then_abort(shards, tmp_path):
+    out = tmp_path / "skip"
+    pretrain(shards, out, "train.steps=6", "train.inject_nonfinite_steps=[3]")
+    train = records(out)
+    assert train[-1]["skipped_steps"] == 1 and math.isfinite(train[-1]["loss"])
+    out = tmp_path / "abort"
+    proc = pretrain(
+        shards,
+        out,
+        "train.steps=10",
+        "train.save_interval=2",
+        "train.max_nonfinite_steps=3",
+        "train.inject_nonfinite_steps=[5,6,7]",
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "3 non-finite losses in a row (steps 5..7)" in proc.stderr
+    assert "step_00000004" in proc.stderr
+    assert find_latest(out / "checkpoints").name == "step_00000004"
+
+
+@pytest.mark.distributed
+def test_expert_parallel_size_changes_on_resume(shards, tmp_path):
+    """Saved at EP = 2, resumed at EP = 1 (same 2 data-parallel ranks): the run continues as if
+    nothing happened (up to reduction order)."""
+    reference = tmp_path / "reference"
+    pretrain(
+        shards,
+        reference,
+        "train.steps=8",
+        "parallel.expert_parallel=2",
+        nproc=2,
+        launcher="torchrun",
+    )
+    out = tmp_path / "changed"
+    pretrain(
+        shards, out, "train.steps=4", "parallel.expert_parallel=2", nproc=2, launcher="torchrun"
+    )
+    proc = pretrain(
+        shards, out, "train.steps=8", "parallel.expert_parallel=1", nproc=2, launcher="torchrun"
+    )
+    assert "at step 4" in proc.stdout
+    got, want = losses(out), losses(reference)
+    for step in range(5, 9):
+        assert got[step][0] == pytest.approx(want[step][0], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.distributed
+def test_data_parallel_size_changes_on_resume(shards, tmp_path):
+    out = tmp_path / "run"
+    pretrain(shards, out, "train.steps=6", nproc=2, launcher="torchrun")
+    proc = pretrain(shards, out, "train.steps=10")
+    assert "at another parallel layout" in proc.stderr
+    resumed = losses(out)
+    assert abs(resumed[7][0] - resumed[6][0]) < 0.5
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
+def test_other_launchers(shards, tmp_path, launcher):
+    if launcher == "mpirun" and (shutil.which("mpirun") is None or not _has_mpi4py()):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but mpirun/mpi4py are missing (pip install -e '.[mpi]')")
+        pytest.skip("mpirun or mpi4py not installed (pip install -e '.[mpi]')")
+    out = tmp_path / launcher
+    proc = pretrain(
+        shards, out, "train.steps=3", "parallel.expert_parallel=2", nproc=2, launcher=launcher
+    )
+    assert "world 2" in proc.stdout + proc.stderr
+    assert len(records(out)) == 3
+
+
+def _has_mpi4py() -> bool:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_dry_run_of_the_large_config_counts_about_a_billion_parameters():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--config",
+            str(REPO / "pretrain/configs/large.yaml"),
+            "--dry-run",
+            "--world-size",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    total = int(proc.stdout.split("parameters: total ")[1].split()[0].replace(",", ""))
+    assert 0.9e9 < total < 1.1e9
+    assert (
+        "training FLOPs per token" in proc.stdout and "estimated memory per device" in proc.stdout
+    )
+
+
+def test_bad_data_settings_give_one_clear_error(shards, tmp_path):
+    proc = pretrain(shards, tmp_path / "x", f"data.data_dir={tmp_path / 'missing'}", check=False)
+    assert proc.returncode == 2 and str(tmp_path / "missing") in proc.stderr
+    proc = pretrain(shards, tmp_path / "y", "model.seq_length=128", check=False)
+    assert proc.returncode == 2 and "128" in proc.stderr and "64" in proc.stderr
+    assert "Traceback" not in proc.stderr
