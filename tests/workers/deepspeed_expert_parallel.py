@@ -19,7 +19,7 @@ from vqmoe_megatron.config import ParallelConfig, TrainConfig
 from vqmoe_megatron.distributed import destroy_distributed, init_distributed
 from vqmoe_megatron.model import build_model
 from vqmoe_megatron.parallel_tensors import gather_full_tensors
-from vqmoe_megatron.training.engine import initialize_engine
+from vqmoe_megatron.training.engine import LanguageModel, initialize_engine
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     train = TrainConfig(
         zero_stage=args.zero, lr=1e-2, grad_clip=args.clip, warmup_steps=0, lr_schedule="constant"
     )
-    engine, module = initialize_engine(gpt, train, micro_batch_size=4, pad_id=0)
+    engine = initialize_engine(LanguageModel(gpt, pad_id=0), gpt, train, micro_batch_size=4)
     torch.manual_seed(1000 + parallel_state.get_data_parallel_rank())
     tokens = torch.randint(1, TINY_MODEL.vocab_size, (4, TINY_MODEL.seq_length + 1))
     loss, _, _ = engine(tokens)

@@ -136,10 +136,6 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.gpt = gpt
         self.pad_id = pad_id
-        if gpt.config.expert_model_parallel_size > 1:
-            self.moe_marker = DeepSpeedMoEMarker(
-                gpt.config.num_moe_experts, gpt.config.expert_model_parallel_size
-            )
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``tokens`` [B, S+1] -> (mean loss over real targets, NLL sum, number of targets)."""
@@ -270,9 +266,10 @@ def register_sequence_parallel_grad_hooks(model: nn.Module) -> list:
 
 
 def initialize_engine(
-    gpt: VQMoEGPTModel, train: TrainConfig, micro_batch_size: int, pad_id: int
-) -> tuple[Any, LanguageModel]:
-    """Wrap ``gpt`` in a DeepSpeed engine (ZeRO, AdamW, LR schedule); returns (engine, module)."""
+    module: nn.Module, gpt: VQMoEGPTModel, train: TrainConfig, micro_batch_size: int
+) -> Any:
+    """Wrap ``module`` (which holds ``gpt``, plus e.g. a task head) in a DeepSpeed engine with
+    ZeRO, AdamW and the LR schedule; expert-parallel and sequence-parallel plumbing included."""
     expert_parallel = gpt.config.expert_model_parallel_size
     if expert_parallel > 1:
         if train.zero_stage == 3:
@@ -281,7 +278,7 @@ def initialize_engine(
                 "with MoE); use zero_stage 1 or 2 with parallel.expert_parallel > 1"
             )
         register_expert_groups(expert_parallel)
-    module = LanguageModel(gpt, pad_id)
+        module.moe_marker = DeepSpeedMoEMarker(gpt.config.num_moe_experts, expert_parallel)
     register_sequence_parallel_grad_hooks(module)
     groups = optimizer_param_groups(module, train.weight_decay, expert_parallel)
     config = deepspeed_config(train, micro_batch_size)
@@ -297,7 +294,7 @@ def initialize_engine(
     MoEAuxLossAutoScaler.set_loss_scale(
         torch.tensor(1.0 / engine.gradient_accumulation_steps(), device=engine.device)
     )
-    return engine, module
+    return engine
 
 
 def full_fp32_param(param: nn.Parameter) -> torch.Tensor:

@@ -42,7 +42,7 @@ from vqmoe_megatron.training.checkpoint import (
     model_signature,
 )
 from vqmoe_megatron.training.codebook import initialize_codebooks
-from vqmoe_megatron.training.engine import initialize_engine, write_codebook_rows
+from vqmoe_megatron.training.engine import LanguageModel, initialize_engine, write_codebook_rows
 from vqmoe_megatron.training.flops import device_peak_tflops, flops_per_token
 from vqmoe_megatron.training.run_logger import RunLogger, progress_line
 
@@ -144,9 +144,8 @@ class Pretrainer:
             batch = next(iter(self._loader("train")))["tokens"]
             count = initialize_codebooks(self.gpt, batch, cfg.train.seed)
             self.log.info(f"k-means initialised {count} codebooks from the first batch")
-        self.engine, self.module = initialize_engine(
-            self.gpt, cfg.train, cfg.data.micro_batch_size, self.manifest.pad_id
-        )
+        self.module = LanguageModel(self.gpt, self.manifest.pad_id)
+        self.engine = initialize_engine(self.module, self.gpt, cfg.train, cfg.data.micro_batch_size)
         self.device = self.engine.device
         self.state = TrainerState(
             signature=model_signature(cfg),
