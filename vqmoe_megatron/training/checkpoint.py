@@ -382,7 +382,10 @@ class CheckpointManager:
                 f"{file} has checkpoint version {raw.get('version')!r}, this code reads "
                 f"{CHECKPOINT_VERSION}"
             )
-        return TrainerState(**raw)
+        try:
+            return TrainerState(**raw)
+        except TypeError as exc:
+            raise CheckpointError(f"{file} does not describe a training state ({exc})") from exc
 
     def load(
         self, path: Path, gpt: torch.nn.Module, engine: Any, cfg: PretrainConfig
