@@ -135,7 +135,7 @@ def build_transformer_config(
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
         num_moe_experts=moe.num_experts if moe.num_experts > 0 else None,
-        moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
+        moe_ffn_hidden_size=moe.expert_ffn_hidden_size if moe.num_experts > 0 else None,
         moe_router_topk=moe.topk,
         moe_router_pre_softmax=moe.pre_softmax,
         moe_router_load_balancing_type="none"
