@@ -12,7 +12,7 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install torch==$(TORCH_VERSION)
-	$(PY) -m pip install -e '.[test,hf,eval]'
+	$(PY) -m pip install -e '.[test,hf,eval,mpi]'
 	touch $@
 
 install: $(VENV)/.installed
