@@ -12,6 +12,7 @@ prefetched when the run stopped.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional, Union
@@ -37,6 +38,20 @@ _STATE_KEYS = (
     "shuffle",
     "infinite",
 )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the training process, not its loader workers, handles the
+    stop signals (SIGTERM, SIGUSR1).
+
+    slurm signals every process of a job step, loader workers included. torch's worker handler
+    dies on a SIGTERM its parent did not send, and the training process's SIGCHLD handler then
+    raises "DataLoader worker ... is killed by signal" in the middle of a step instead of letting
+    it save. Ignoring them is safe: the training process shuts its workers down itself, and a
+    worker exits when its parent is gone.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class _SlotStream(IterableDataset):
@@ -204,6 +219,7 @@ class TokenShardLoader:
             batch_size=None,
             num_workers=self.num_workers,
             prefetch_factor=max(2, self.micro_batch_size) if self.num_workers else None,
+            worker_init_fn=_ignore_stop_signals,
         )
         items: list[dict] = []
         for item in loader:
