@@ -31,6 +31,7 @@ EXTRAS = {
     "test": [
         "pytest>=8.0",
         "pytest-timeout>=2.3",
+        "psutil>=5.9",
         "scipy>=1.11",
         "scikit-learn>=1.4",
         "ruff>=0.6",

@@ -18,6 +18,10 @@
 #   inherits SIGUSR1 as ignored; the training processes install their own handler (the program
 #   contract), save in their own time, rank 0 writes $OUTPUT_DIR/preempted, all exit 0, and so
 #   do the launchers.
+# - The training processes' DataLoader workers are signalled too; they ignore SIGTERM and
+#   SIGUSR1 (vqmoe_megatron/data/loader.py). Otherwise torch's worker handler dies on SIGTERM
+#   and the training process fails mid-step ("DataLoader worker ... is killed by signal")
+#   instead of saving. tests/test_slurm_pretrain.py runs the real program through both paths.
 # - Not `--signal=B:USR1`: that reaches only this batch shell, which would then have to pass the
 #   signal on to every node (scancel --signal), i.e. to where slurm delivers it anyway.
 # - SIGTERM (scancel, the time limit itself, `scontrol requeue`, preemption by slurm) also

@@ -3,9 +3,11 @@ state checks, damaged shards and manifest checks."""
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from data_helpers import FIXTURE, tiny_shards
 
@@ -97,6 +99,27 @@ def test_state_counts_batches_handed_out_not_prefetched(many: Path):
         next(stream)
     state = loader.state_dict()
     assert sum(state["consumed"]) == 15 and state["batches"] == 3 and state["next_slot"] == 1
+
+
+def test_workers_survive_the_stop_signals_slurm_sends_every_process(many: Path):
+    """SIGTERM/SIGUSR1 reach loader workers too (slurm signals the whole job step): the workers
+    go on serving batches, so the training process can finish its step and save."""
+    expected = _take(_loader(many, num_workers=2), 20)
+    before = {p.pid for p in psutil.Process().children()}
+    stream = iter(_loader(many, num_workers=2))
+    try:
+        first = next(stream)
+        workers = [p for p in psutil.Process().children() if p.pid not in before]
+        assert len(workers) == 2
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+            worker.send_signal(signal.SIGUSR1)
+        # 20 batches are more than the workers had prefetched: they must still be serving.
+        batches = [first, *(next(stream) for _ in range(19))]
+        assert all(w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    finally:
+        stream.close()
+    assert all(np.array_equal(got["index"], want["index"]) for got, want in zip(batches, expected))
 
 
 @pytest.mark.parametrize("name", ["many", "few"])

@@ -113,7 +113,7 @@ def test_time_limit_signal_from_sbatch_header_reaches_training(
     argv = _events(out, "started", 0)[0]["argv"]
     assert argv == [
         "--config",
-        "pretrain/configs/small.yaml",
+        "pretrain/configs/base.yaml",
         f"train.output_dir={out}",
         "data.data_dir=data/shards",
         "train.steps=7",

@@ -40,6 +40,20 @@ _STATE_KEYS = (
 )
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the training process, not its loader workers, handles the
+    stop signals (SIGTERM, SIGUSR1).
+
+    slurm signals every process of a job step, loader workers included. torch's worker handler
+    dies on a SIGTERM its parent did not send, and the training process's SIGCHLD handler then
+    raises "DataLoader worker ... is killed by signal" in the middle of a step instead of letting
+    it save. Ignoring them is safe: the training process shuts its workers down itself, and a
+    worker exits when its parent is gone.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class _SlotStream(IterableDataset):
     """The samples of this rank's slots; each DataLoader worker streams one slot."""
 

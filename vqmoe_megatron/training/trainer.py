@@ -65,12 +65,13 @@ class StopRequest:
     def _handle(self, signum: int, frame) -> None:
         self.signal = signum
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank as soon as any rank received a signal (collective)."""
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=device)
+    def agreed(self, device: torch.device) -> Optional[int]:
+        """On every rank, as soon as any rank received a signal: its number (the highest if
+        ranks received different ones); None while none did (collective)."""
+        flag = torch.tensor([float(self.signal or 0)], device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item()) or None
 
 
 def validate_config(cfg: PretrainConfig) -> None:
@@ -374,10 +375,11 @@ class Pretrainer:
                         f"| bpb {result['bpb']:.4f}"
                     )
                     self.log.scalars(step, result, kind="eval")
-            if self.stop.agreed(self.device):
+            stop_signal = self.stop.agreed(self.device)
+            if stop_signal:
                 self.save()
                 if self.rank0:
-                    (self.out / PREEMPTED).write_text(f"step {step} signal {self.stop.signal}\n")
+                    (self.out / PREEMPTED).write_text(f"step {step} signal {stop_signal}\n")
                 self.log.info(f"stopping at step {step} on a signal; resubmit to continue")
                 return 0
             if step % train.save_interval == 0 and step != train.steps and not nonfinite_run:
