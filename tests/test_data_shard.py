@@ -2,9 +2,11 @@
 
 import dataclasses
 import gzip
+import io
 import json
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +129,20 @@ def test_uint32_when_the_vocabulary_needs_it(tmp_path: Path):
         )
     )
     assert [i for i, _ in read] == [10, 11] and (np.stack([a for _, a in read]) == samples).all()
+
+
+def test_shard_bytes_equal_what_tarfile_writes():
+    samples = np.random.default_rng(0).integers(0, 400, size=(9, 65)).astype(np.uint16)
+    reference = io.BytesIO()
+    with tarfile.open(fileobj=reference, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, row in enumerate(samples):
+            payload = io.BytesIO()
+            np.save(payload, row)
+            info = tarfile.TarInfo(f"{40 + i:010d}.tokens.npy")
+            info.size, info.mode, info.mtime = payload.tell(), 0o644, 0
+            payload.seek(0)
+            tar.addfile(info, payload)
+    assert shard_bytes(samples, 40) == reference.getvalue()
 
 
 def _mtimes(folder: Path) -> dict[str, int]:

@@ -54,20 +54,43 @@ def member_bytes(sample_length: int, dtype: str) -> int:
     return _TAR_BLOCK + -(-payload // _TAR_BLOCK) * _TAR_BLOCK
 
 
+@lru_cache(maxsize=8)
+def _tar_header_template(size: int) -> bytes:
+    """A USTAR header for a member of ``size`` bytes (mode 644, owner 0, mtime 0), name empty."""
+    info = tarfile.TarInfo("")
+    info.size = size
+    info.mode = 0o644
+    info.mtime = 0
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """``_tar_header_template`` with ``name`` filled in and the checksum recomputed (this is
+    what ``tarfile`` writes, without its per-member overhead)."""
+    header = bytearray(_tar_header_template(size))
+    header[:100] = name.encode("ascii").ljust(100, b"\0")
+    header[148:156] = b" " * 8
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header)
+
+
 def shard_bytes(samples: np.ndarray, first_index: int) -> bytes:
     """The tar file of ``samples`` [n, seq_length + 1], numbered from ``first_index``."""
     header = _npy_header(samples.shape[1], samples.dtype.name)
     little = samples.astype(samples.dtype.newbyteorder("<"), copy=False)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for offset, row in enumerate(little):
-            payload = header + row.tobytes()
-            info = tarfile.TarInfo(member_name(first_index + offset))
-            info.size = len(payload)
-            info.mode = 0o644
-            info.mtime = 0
-            tar.addfile(info, io.BytesIO(payload))
-    return buf.getvalue()
+    size = len(header) + little.shape[1] * little.itemsize
+    padding = b"\0" * (-size % _TAR_BLOCK)
+    parts = []
+    for offset, row in enumerate(little):
+        parts += [
+            _tar_header(member_name(first_index + offset), size),
+            header,
+            row.tobytes(),
+            padding,
+        ]
+    parts.append(b"\0" * (2 * _TAR_BLOCK))
+    data = b"".join(parts)
+    return data + b"\0" * (-len(data) % tarfile.RECORDSIZE)
 
 
 class _HashingReader:

@@ -16,7 +16,7 @@ import multiprocessing
 import platform
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +101,7 @@ def _init_worker(model: str, sources: list[Source], settings: ShardSettings, dty
         sources=sources,
         settings=settings,
         dtype=np.dtype(dtype),
-        salt=settings.split_seed.to_bytes(8, "little", signed=True),
+        split_hash=hashlib.sha256(settings.split_seed.to_bytes(8, "little", signed=True)),
         threshold=int(settings.valid_fraction * 2.0**64),
     )
 
@@ -127,13 +127,14 @@ def tokenize_chunk(chunk: Chunk) -> ChunkResult:
         text_documents=settings.text_documents,
         jsonl_field=settings.jsonl_field,
     )
-    encoded = w["tokenizer"].encode_batch(decoded.texts)
+    encoded = w["tokenizer"].encode_batch(decoded.texts, num_threads=1)
     docs: tuple[list, list] = ([], [])
     sizes = [0, 0]
     for text, ids in zip(decoded.texts, encoded):
         data = text.encode("utf-8")
-        digest = hashlib.blake2b(data, digest_size=8, salt=w["salt"]).digest()
-        split = int(int.from_bytes(digest, "little") < w["threshold"])
+        digest = w["split_hash"].copy()
+        digest.update(data)
+        split = int(int.from_bytes(digest.digest()[:8], "little") < w["threshold"])
         docs[split].append(ids)
         sizes[split] += len(data)
     eos = w["tokenizer"].eos_id
@@ -150,6 +151,31 @@ def tokenize_chunk(chunk: Chunk) -> ChunkResult:
         empty=decoded.empty,
         replaced=decoded.replaced,
     )
+
+
+def tokenize_chunks(chunks: list[Chunk]) -> list[ChunkResult]:
+    """``tokenize_chunk`` for a batch of chunks: one pool task for many small files."""
+    return [tokenize_chunk(chunk) for chunk in chunks]
+
+
+def _tasks(
+    chunks: Iterator[Chunk], restart: int, skipped: Callable[[Chunk], None]
+) -> Iterator[list[Chunk]]:
+    """Group the chunks from ``restart`` on into tasks of at least CHUNK_BYTES of input (chunks
+    of small files are small; a task per chunk would cost more in IPC than the tokenizing)."""
+    task: list[Chunk] = []
+    size = 0
+    for chunk in chunks:
+        if chunk.index < restart:
+            skipped(chunk)
+            continue
+        task.append(chunk)
+        size += sum(len(r) for r in chunk.records)
+        if size >= CHUNK_BYTES:
+            yield task
+            task, size = [], 0
+    if task:
+        yield task
 
 
 @dataclass
@@ -215,14 +241,15 @@ class _SplitWriter:
             for split in SPLITS
         }
 
-    def add(self, result: ChunkResult) -> None:
-        """Log the chunk, append its ids to the streams, stage every shard that fills up."""
-        record = result.record()
-        self.workspace.log_chunk(record)
-        self.totals.add(record)
-        for split, ids in zip(SPLITS, result.ids):
-            for samples in self.packers[split].add(ids):
-                self._emit(split, samples)
+    def add(self, results: list[ChunkResult]) -> None:
+        """Log the chunks, append their ids to the streams, stage every shard that fills up."""
+        records = [result.record() for result in results]
+        self.workspace.log_chunks(records)
+        for record, result in zip(records, results):
+            self.totals.add(record)
+            for split, ids in zip(SPLITS, result.ids):
+                for samples in self.packers[split].add(ids):
+                    self._emit(split, samples)
 
     def finish(self) -> None:
         """Stage the last, padded shard of each split."""
@@ -392,18 +419,16 @@ def build_shards(
 
         def drain(limit: int) -> None:
             while len(pending) > limit:
-                result = pending.popleft().get()
-                writer.add(result)
-                bar.update(result.disk_bytes)
+                results = pending.popleft().get()
+                writer.add(results)
+                bar.update(sum(result.disk_bytes for result in results))
                 bar.set_postfix_str(writer.progress(), refresh=False)
 
-        for chunk in iter_chunks(
+        chunks = iter_chunks(
             sources, text_documents=settings.text_documents, chunk_bytes=CHUNK_BYTES
-        ):
-            if chunk.index < restart:
-                bar.update(chunk.disk_bytes)
-                continue
-            pending.append(pool.apply_async(tokenize_chunk, (chunk,)))
+        )
+        for task in _tasks(chunks, restart, lambda chunk: bar.update(chunk.disk_bytes)):
+            pending.append(pool.apply_async(tokenize_chunks, (task,)))
             drain(2 * settings.workers)
         drain(0)
         bar.close()

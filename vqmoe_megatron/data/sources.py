@@ -16,6 +16,7 @@ import gzip
 import io
 import json
 import lzma
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -113,7 +114,7 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Source]:
     """
     if not inputs:
         raise DataError("no inputs given; pass text files, directories or glob patterns")
-    paths = sorted({p.resolve() for item in inputs for p in _expand(item)})
+    paths = sorted({Path(os.path.abspath(p)) for item in inputs for p in _expand(item)})
     if not paths:
         raise DataError(f"no input files found in {', '.join(inputs)}")
     return [_source(p) for p in paths]
