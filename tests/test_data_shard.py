@@ -22,7 +22,7 @@ from data_helpers import (
 )
 
 from vqmoe_megatron.data import DataError, Tokenizer, TokenShardLoader, load_manifest
-from vqmoe_megatron.data.shard_format import iter_shard, shard_bytes, token_dtype
+from vqmoe_megatron.data.shard_format import iter_shard, shard_tar, token_dtype
 from vqmoe_megatron.data.shard_workspace import ShardWorkspace
 from vqmoe_megatron.data.sharding import build_shards
 
@@ -117,7 +117,7 @@ def test_shards_are_plain_webdataset_tars(data: Path):
 def test_uint32_when_the_vocabulary_needs_it(tmp_path: Path):
     assert token_dtype(65536) == "uint16" and token_dtype(65537) == "uint32"
     samples = np.array([[0, 70000, 5], [5, 99999, 1]], dtype=np.uint32)
-    (tmp_path / "s.tar").write_bytes(shard_bytes(samples, 10))
+    (tmp_path / "s.tar").write_bytes(shard_tar(samples, 10))
     read = list(
         iter_shard(
             tmp_path / "s.tar",
@@ -131,7 +131,7 @@ def test_uint32_when_the_vocabulary_needs_it(tmp_path: Path):
     assert [i for i, _ in read] == [10, 11] and (np.stack([a for _, a in read]) == samples).all()
 
 
-def test_shard_bytes_equal_what_tarfile_writes():
+def test_shard_tar_equals_what_tarfile_writes():
     samples = np.random.default_rng(0).integers(0, 400, size=(9, 65)).astype(np.uint16)
     reference = io.BytesIO()
     with tarfile.open(fileobj=reference, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -142,7 +142,7 @@ def test_shard_bytes_equal_what_tarfile_writes():
             info.size, info.mode, info.mtime = payload.tell(), 0o644, 0
             payload.seek(0)
             tar.addfile(info, payload)
-    assert shard_bytes(samples, 40) == reference.getvalue()
+    assert bytes(shard_tar(samples, 40)) == reference.getvalue()
 
 
 def _mtimes(folder: Path) -> dict[str, int]:

@@ -91,13 +91,15 @@ class _SlotStream(IterableDataset):
                 arrays = self._read(shard, wanted)
                 first = int(self.first_index[shard])
                 for local in wanted.tolist():
-                    yield {
-                        "tokens": torch.from_numpy(arrays[local].astype(np.int64)),
-                        "index": first + local,
-                        "slot": slot,
-                    }
+                    yield {"tokens": arrays[local], "index": first + local, "slot": slot}
         except DataError as exc:
             yield {"error": str(exc)}
+
+
+def _as_is(item: dict) -> dict:
+    """DataLoader ``collate_fn``: pass samples through as numpy (pickled through a pipe, which
+    costs far less per sample than a torch tensor in shared memory)."""
+    return item
 
 
 class TokenShardLoader:
@@ -185,7 +187,9 @@ class TokenShardLoader:
             self._next_slot = (item["slot"] + 1) % len(self._schedules)
         self._batches += 1
         return {
-            "tokens": torch.stack([item["tokens"] for item in items]),
+            "tokens": torch.from_numpy(
+                np.stack([item["tokens"] for item in items]).astype(np.int64)
+            ),
             "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
         }
 
@@ -202,6 +206,7 @@ class TokenShardLoader:
         loader = DataLoader(
             stream,
             batch_size=None,
+            collate_fn=_as_is,
             num_workers=self.num_workers,
             prefetch_factor=max(2, self.micro_batch_size) if self.num_workers else None,
         )

@@ -217,7 +217,7 @@ class ShardWorkspace:
     def log_chunks(self, records: list[dict]) -> None:
         _append_lines(self.staging / CHUNK_LOG, records)
 
-    def store_shard(self, record: ShardRecord, data: bytes) -> None:
+    def store_shard(self, record: ShardRecord, data: memoryview) -> None:
         """Stage a finished shard, unless a verified copy with the same sha256 exists."""
         if self.valid.get(record.name) == record:
             return

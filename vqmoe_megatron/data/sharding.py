@@ -26,7 +26,7 @@ import sentencepiece as spm
 from vqmoe_megatron.data.errors import DataError
 from vqmoe_megatron.data.manifest import FORMAT, FORMAT_VERSION, SPLITS
 from vqmoe_megatron.data.packing import StreamPacker
-from vqmoe_megatron.data.shard_format import member_bytes, shard_bytes, shard_name, token_dtype
+from vqmoe_megatron.data.shard_format import member_bytes, shard_name, shard_tar, token_dtype
 from vqmoe_megatron.data.shard_workspace import ShardRecord, ShardWorkspace
 from vqmoe_megatron.data.sources import (
     Chunk,
@@ -263,7 +263,7 @@ class _SplitWriter:
 
     def _emit(self, split: str, samples: np.ndarray) -> None:
         index = len(self.shards[split])
-        data = shard_bytes(samples, index * self.samples_per_shard)
+        data = shard_tar(samples, index * self.samples_per_shard)
         digest = hashlib.sha256(data).hexdigest()
         record = ShardRecord(shard_name(split, index), len(samples), len(data), digest)
         self.workspace.store_shard(record, data)
