@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -106,17 +107,6 @@ def _init_worker(model: str, sources: list[Source], settings: ShardSettings, dty
     )
 
 
-def _concat_with_eos(docs: list[list[int]], eos_id: int, dtype: np.dtype) -> np.ndarray:
-    out = np.empty(sum(len(d) for d in docs) + len(docs), dtype=dtype)
-    position = 0
-    for doc in docs:
-        end = position + len(doc)
-        out[position:end] = doc
-        out[end] = eos_id
-        position = end + 1
-    return out
-
-
 def tokenize_chunk(chunk: Chunk) -> ChunkResult:
     """Decode, split and tokenize one chunk (runs in a worker process)."""
     w = _WORKER
@@ -127,7 +117,7 @@ def tokenize_chunk(chunk: Chunk) -> ChunkResult:
         text_documents=settings.text_documents,
         jsonl_field=settings.jsonl_field,
     )
-    encoded = w["tokenizer"].encode_batch(decoded.texts, num_threads=1)
+    encoded = w["tokenizer"].processor.encode(decoded.texts, num_threads=1, add_eos=True)
     docs: tuple[list, list] = ([], [])
     sizes = [0, 0]
     for text, ids in zip(decoded.texts, encoded):
@@ -137,14 +127,13 @@ def tokenize_chunk(chunk: Chunk) -> ChunkResult:
         split = int(int.from_bytes(digest.digest()[:8], "little") < w["threshold"])
         docs[split].append(ids)
         sizes[split] += len(data)
-    eos = w["tokenizer"].eos_id
     return ChunkResult(
         chunk=chunk.index,
         source=chunk.source,
         disk_bytes=chunk.disk_bytes,
-        ids=(
-            _concat_with_eos(docs[0], eos, w["dtype"]),
-            _concat_with_eos(docs[1], eos, w["dtype"]),
+        ids=tuple(
+            np.fromiter(chain.from_iterable(d), w["dtype"], count=sum(len(ids) for ids in d))
+            for d in docs
         ),
         documents=(len(docs[0]), len(docs[1])),
         bytes=(sizes[0], sizes[1]),
@@ -170,7 +159,7 @@ def _tasks(
             skipped(chunk)
             continue
         task.append(chunk)
-        size += sum(len(r) for r in chunk.records)
+        size += chunk.disk_bytes
         if size >= CHUNK_BYTES:
             yield task
             task, size = [], 0
