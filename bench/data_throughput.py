@@ -4,7 +4,7 @@ Side by side in one run, on the same text and the same number of cores:
 - sentencepiece's own batch encode (``encode(texts, num_threads=cores)``) of every document,
 - data_tools/shard.py end to end (``build_shards`` with ``--workers cores``: reading, decoding,
   splitting, tokenizing, packing, writing and checksumming the shards and the manifest),
-- the loader reading the shards back (samples per second, ``num_workers = cores``).
+- the loader reading the shards back (samples per second, ``num_workers`` 0 and ``cores``).
 Runs alternate between the first two and report medians, because the box may be shared; the
 CPU columns (CPU seconds per MB, all processes and threads) are what contention changes least.
 The input is the corpus repeated ``--copies`` times (as separate files), so the fixed costs of
@@ -149,7 +149,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 shard.append(_timed(partial(_shard, settings)))
             medians = [statistics.median(x) for runs in (encode, shard) for x in zip(*runs)]
             rows.append((copies, len(sources), megabytes, *medians))
-        rate = _loader_rate(work / "shards", args.cores, args.loader_batches, args.micro_batch_size)
+        rates = {
+            workers: _loader_rate(
+                work / "shards", workers, args.loader_batches, args.micro_batch_size
+            )
+            for workers in (0, args.cores)
+        }
     print(
         f"input: {args.input}; tokenizer {tokenizer.vocab_size} pieces; seq_length "
         f"{args.seq_length}; {args.cores} cores; median of {args.runs} alternating runs; load "
@@ -166,11 +171,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             f"{megabytes / shard:.1f} | {encode / shard:.2f} | {encode_cpu / megabytes:.4f} | "
             f"{shard_cpu / megabytes:.4f} | {encode_cpu / shard_cpu:.2f} |"
         )
-    print(
-        f"loader ({args.cores} workers, micro-batch {args.micro_batch_size}, seq_length "
-        f"{args.seq_length}): {rate:,.0f} samples/s = {rate * (args.seq_length + 1) / 1e6:.2f}M "
-        "tokens/s"
-    )
+    for workers, rate in rates.items():
+        print(
+            f"loader ({workers} workers, micro-batch {args.micro_batch_size}, seq_length "
+            f"{args.seq_length}): {rate:,.0f} samples/s = "
+            f"{rate * (args.seq_length + 1) / 1e6:.2f}M tokens/s"
+        )
 
 
 if __name__ == "__main__":
