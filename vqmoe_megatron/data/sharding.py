@@ -107,7 +107,7 @@ def _init_worker(model: str, sources: list[Source], settings: ShardSettings, dty
     )
 
 
-def tokenize_chunk(chunk: Chunk) -> ChunkResult:
+def _tokenize_chunk(chunk: Chunk) -> ChunkResult:
     """Decode, split and tokenize one chunk (runs in a worker process)."""
     w = _WORKER
     settings: ShardSettings = w["settings"]
@@ -142,9 +142,9 @@ def tokenize_chunk(chunk: Chunk) -> ChunkResult:
     )
 
 
-def tokenize_chunks(chunks: list[Chunk]) -> list[ChunkResult]:
-    """``tokenize_chunk`` for a batch of chunks: one pool task for many small files."""
-    return [tokenize_chunk(chunk) for chunk in chunks]
+def _tokenize_task(chunks: list[Chunk]) -> list[ChunkResult]:
+    """``_tokenize_chunk`` for each chunk of one pool task (many small files make one task)."""
+    return [_tokenize_chunk(chunk) for chunk in chunks]
 
 
 def _tasks(
@@ -417,7 +417,7 @@ def build_shards(
             sources, text_documents=settings.text_documents, chunk_bytes=CHUNK_BYTES
         )
         for task in _tasks(chunks, restart, lambda chunk: bar.update(chunk.disk_bytes)):
-            pending.append(pool.apply_async(tokenize_chunks, (task,)))
+            pending.append(pool.apply_async(_tokenize_task, (task,)))
             drain(2 * settings.workers)
         drain(0)
         bar.close()
