@@ -110,7 +110,8 @@ class TokenShardLoader:
     disjoint parts of the split that together hold every sample once; the last batch may be
     smaller, and a finished pass starts over on the next ``iter()``. ``state_dict()`` describes
     exactly the batches handed out so far; ``load_state_dict()`` on a fresh loader with the same
-    data and settings continues from there.
+    data and settings continues from there. Each ``iter()`` starts DataLoader workers that
+    continue from the current state: keep one live iterator per loader.
     """
 
     def __init__(

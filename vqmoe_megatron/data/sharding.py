@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import multiprocessing
 import platform
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -96,6 +97,9 @@ _WORKER: dict = {}
 
 
 def _init_worker(model: str, sources: list[Source], settings: ShardSettings, dtype: str) -> None:
+    # Ctrl-C is the main process's to handle (it stops the pool); workers would only add
+    # tracebacks to its one-line message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     tokenizer = Tokenizer(model)
     _WORKER.update(
         tokenizer=tokenizer,
