@@ -15,7 +15,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -104,7 +104,6 @@ class ShardWorkspace:
         *,
         overwrite: bool,
         progress: bool = True,
-        log: Callable[[str], None] = print,
     ):
         if output.exists() and not output.is_dir():
             raise DataError(f"--output {output} is a file; pass a directory")
@@ -114,7 +113,6 @@ class ShardWorkspace:
         self.fingerprint = fingerprint(identity)
         self.overwrite = overwrite
         self.progress = progress
-        self.log = log
         self.valid: dict[str, ShardRecord] = {}
         self._staged: set[str] = set()
         self._claim()

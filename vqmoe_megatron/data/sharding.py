@@ -377,7 +377,7 @@ def build_shards(
         "sources": [[str(s.path), s.size, s.mtime_ns] for s in sources],
     }
     workspace = ShardWorkspace(
-        Path(settings.output), identity, overwrite=settings.overwrite, progress=progress, log=log
+        Path(settings.output), identity, overwrite=settings.overwrite, progress=progress
     )
     finished = workspace.up_to_date()
     if finished is not None:
