@@ -38,8 +38,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[TokenizerSettings, bool]:
         "--no-byte-fallback",
         dest="byte_fallback",
         action="store_false",
-        help="map unknown characters to <unk> instead of UTF-8 byte pieces "
-        "(breaks exact round trips)",
+        help="set byte_fallback to False: unknown characters become <unk> instead of UTF-8 "
+        "byte pieces (breaks exact round trips)",
     )
     p.add_argument(
         "--sample-sentences",

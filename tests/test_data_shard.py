@@ -2,9 +2,11 @@
 
 import dataclasses
 import gzip
+import io
 import json
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from data_helpers import (
 )
 
 from vqmoe_megatron.data import DataError, Tokenizer, TokenShardLoader, load_manifest
-from vqmoe_megatron.data.shard_format import iter_shard, shard_bytes, token_dtype
+from vqmoe_megatron.data.shard_format import iter_shard, shard_tar, token_dtype
 from vqmoe_megatron.data.shard_workspace import ShardWorkspace
 from vqmoe_megatron.data.sharding import build_shards
 
@@ -115,7 +117,7 @@ def test_shards_are_plain_webdataset_tars(data: Path):
 def test_uint32_when_the_vocabulary_needs_it(tmp_path: Path):
     assert token_dtype(65536) == "uint16" and token_dtype(65537) == "uint32"
     samples = np.array([[0, 70000, 5], [5, 99999, 1]], dtype=np.uint32)
-    (tmp_path / "s.tar").write_bytes(shard_bytes(samples, 10))
+    (tmp_path / "s.tar").write_bytes(shard_tar(samples, 10))
     read = list(
         iter_shard(
             tmp_path / "s.tar",
@@ -127,6 +129,20 @@ def test_uint32_when_the_vocabulary_needs_it(tmp_path: Path):
         )
     )
     assert [i for i, _ in read] == [10, 11] and (np.stack([a for _, a in read]) == samples).all()
+
+
+def test_shard_tar_equals_what_tarfile_writes():
+    samples = np.random.default_rng(0).integers(0, 400, size=(9, 65)).astype(np.uint16)
+    reference = io.BytesIO()
+    with tarfile.open(fileobj=reference, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, row in enumerate(samples):
+            payload = io.BytesIO()
+            np.save(payload, row)
+            info = tarfile.TarInfo(f"{40 + i:010d}.tokens.npy")
+            info.size, info.mode, info.mtime = payload.tell(), 0o644, 0
+            payload.seek(0)
+            tar.addfile(info, payload)
+    assert bytes(shard_tar(samples, 40)) == reference.getvalue()
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
@@ -152,37 +168,75 @@ def test_rerun_skips_valid_shards_and_rebuilds_damaged_ones(
     assert not (copy / ".incoming").exists()
 
 
-def test_interrupted_run_resumes_where_it_stopped(
-    data: Path, tmp_path: Path, tmp_path_factory, monkeypatch
-):
-    settings = shard_settings(tmp_path_factory, tmp_path / "out")
+def _interrupted(settings, monkeypatch, after: int) -> None:
+    """Run build_shards and stop it (as Ctrl-C would) right after it staged ``after`` shards."""
     store = ShardWorkspace.store_shard
     stored: list[str] = []
 
     def store_then_stop(self, record, payload):
         store(self, record, payload)
         stored.append(record.name)
-        if len(stored) == 9:
+        if len(stored) == after:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(ShardWorkspace, "store_shard", store_then_stop)
     with pytest.raises(KeyboardInterrupt):
         build_shards(settings, progress=False, log=lambda _: None)
     monkeypatch.undo()
-    assert not (tmp_path / "out" / "manifest.json").exists()
-    assert len(list((tmp_path / "out" / ".incoming").glob("*.tar"))) == 9
+    assert not Path(settings.output, "manifest.json").exists()
+    assert len(list(Path(settings.output, ".incoming").glob("*.tar"))) == after
+
+
+def _assert_same_shards(manifest: dict, output: Path, reference: Path) -> None:
+    expected = json.loads((reference / "manifest.json").read_text())
+    assert manifest["fingerprint"] == expected["fingerprint"]
+    assert manifest["splits"] == expected["splits"]
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            assert (output / shard["name"]).read_bytes() == (reference / shard["name"]).read_bytes()
+
+
+def test_interrupted_run_resumes_where_it_stopped(
+    data: Path, tmp_path: Path, tmp_path_factory, monkeypatch
+):
+    settings = shard_settings(tmp_path_factory, tmp_path / "out")
+    _interrupted(settings, monkeypatch, after=9)
     logs: list[str] = []
     manifest = build_shards(settings, progress=False, log=logs.append)
     restart = int(logs[0].rsplit(" ", 1)[1])
-    assert logs[0].startswith("resuming: ") and restart > 0  # did not tokenize everything again
-    reference = json.loads((data / "manifest.json").read_text())
-    assert manifest["fingerprint"] == reference["fingerprint"]
-    assert manifest["splits"] == reference["splits"]
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            assert (tmp_path / "out" / shard["name"]).read_bytes() == (
-                data / shard["name"]
-            ).read_bytes()
+    assert logs[0].startswith("resuming: 9 shards done") and restart > 0  # skipped some input
+    _assert_same_shards(manifest, tmp_path / "out", data)
+
+
+def test_line_documents_in_a_compressed_file_resume_mid_file(
+    tmp_path: Path, tmp_path_factory, monkeypatch
+):
+    lines = [
+        line for doc in fixture_documents().values() for line in doc.splitlines() if line.strip()
+    ]
+    text = "\n".join(f"{i}: {line}" for i, line in enumerate(lines * 5)) + "\n"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "lines.txt.gz").write_bytes(gzip.compress(text.encode("utf-8")))
+    make = lambda out: shard_settings(  # noqa: E731
+        tmp_path_factory,
+        tmp_path / out,
+        inputs=[str(tmp_path / "in")],
+        text_documents="line",
+        valid_fraction=0.0,
+    )
+    reference = build_shards(make("reference"), progress=False, log=lambda _: None)
+    tokenizer = Tokenizer(tiny_tokenizer(tmp_path_factory))
+    docs = text.splitlines()
+    assert sum(s["documents"] for s in reference["splits"].values()) == len(docs)
+    assert sum(s["tokens"] for s in reference["splits"].values()) == sum(
+        len(tokenizer.encode(d)) + 1 for d in docs
+    )
+    assert len(reference["splits"]["train"]["shards"]) > 110  # the file is 2 chunks of input
+    _interrupted(make("out"), monkeypatch, after=100)
+    logs: list[str] = []
+    manifest = build_shards(make("out"), progress=False, log=logs.append)
+    assert logs[0].startswith("resuming: 100 shards done, re-reading from input chunk 1")
+    _assert_same_shards(manifest, tmp_path / "out", tmp_path / "reference")
 
 
 def test_other_corpus_is_refused_unless_overwrite(data: Path, tmp_path: Path, tmp_path_factory):

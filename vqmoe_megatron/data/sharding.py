@@ -14,10 +14,12 @@ import dataclasses
 import hashlib
 import multiprocessing
 import platform
+import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ import sentencepiece as spm
 from vqmoe_megatron.data.errors import DataError
 from vqmoe_megatron.data.manifest import FORMAT, FORMAT_VERSION, SPLITS
 from vqmoe_megatron.data.packing import StreamPacker
-from vqmoe_megatron.data.shard_format import member_bytes, shard_bytes, shard_name, token_dtype
+from vqmoe_megatron.data.shard_format import member_bytes, shard_name, shard_tar, token_dtype
 from vqmoe_megatron.data.shard_workspace import ShardRecord, ShardWorkspace
 from vqmoe_megatron.data.sources import (
     Chunk,
@@ -95,29 +97,21 @@ _WORKER: dict = {}
 
 
 def _init_worker(model: str, sources: list[Source], settings: ShardSettings, dtype: str) -> None:
+    # Ctrl-C is the main process's to handle (it stops the pool); workers would only add
+    # tracebacks to its one-line message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     tokenizer = Tokenizer(model)
     _WORKER.update(
         tokenizer=tokenizer,
         sources=sources,
         settings=settings,
         dtype=np.dtype(dtype),
-        salt=settings.split_seed.to_bytes(8, "little", signed=True),
+        split_hash=hashlib.sha256(settings.split_seed.to_bytes(8, "little", signed=True)),
         threshold=int(settings.valid_fraction * 2.0**64),
     )
 
 
-def _concat_with_eos(docs: list[list[int]], eos_id: int, dtype: np.dtype) -> np.ndarray:
-    out = np.empty(sum(len(d) for d in docs) + len(docs), dtype=dtype)
-    position = 0
-    for doc in docs:
-        end = position + len(doc)
-        out[position:end] = doc
-        out[end] = eos_id
-        position = end + 1
-    return out
-
-
-def tokenize_chunk(chunk: Chunk) -> ChunkResult:
+def _tokenize_chunk(chunk: Chunk) -> ChunkResult:
     """Decode, split and tokenize one chunk (runs in a worker process)."""
     w = _WORKER
     settings: ShardSettings = w["settings"]
@@ -127,29 +121,54 @@ def tokenize_chunk(chunk: Chunk) -> ChunkResult:
         text_documents=settings.text_documents,
         jsonl_field=settings.jsonl_field,
     )
-    encoded = w["tokenizer"].encode_batch(decoded.texts)
+    encoded = w["tokenizer"].processor.encode(decoded.texts, num_threads=1, add_eos=True)
     docs: tuple[list, list] = ([], [])
     sizes = [0, 0]
     for text, ids in zip(decoded.texts, encoded):
         data = text.encode("utf-8")
-        digest = hashlib.blake2b(data, digest_size=8, salt=w["salt"]).digest()
-        split = int(int.from_bytes(digest, "little") < w["threshold"])
+        digest = w["split_hash"].copy()
+        digest.update(data)
+        split = int(int.from_bytes(digest.digest()[:8], "little") < w["threshold"])
         docs[split].append(ids)
         sizes[split] += len(data)
-    eos = w["tokenizer"].eos_id
     return ChunkResult(
         chunk=chunk.index,
         source=chunk.source,
         disk_bytes=chunk.disk_bytes,
-        ids=(
-            _concat_with_eos(docs[0], eos, w["dtype"]),
-            _concat_with_eos(docs[1], eos, w["dtype"]),
+        ids=tuple(
+            np.fromiter(chain.from_iterable(d), w["dtype"], count=sum(len(ids) for ids in d))
+            for d in docs
         ),
         documents=(len(docs[0]), len(docs[1])),
         bytes=(sizes[0], sizes[1]),
         empty=decoded.empty,
         replaced=decoded.replaced,
     )
+
+
+def _tokenize_task(chunks: list[Chunk]) -> list[ChunkResult]:
+    """``_tokenize_chunk`` for each chunk of one pool task (many small files make one task)."""
+    return [_tokenize_chunk(chunk) for chunk in chunks]
+
+
+def _tasks(
+    chunks: Iterator[Chunk], restart: int, skipped: Callable[[Chunk], None]
+) -> Iterator[list[Chunk]]:
+    """Group the chunks from ``restart`` on into tasks of at least CHUNK_BYTES of input (chunks
+    of small files are small; a task per chunk would cost more in IPC than the tokenizing)."""
+    task: list[Chunk] = []
+    size = 0
+    for chunk in chunks:
+        if chunk.index < restart:
+            skipped(chunk)
+            continue
+        task.append(chunk)
+        size += chunk.disk_bytes
+        if size >= CHUNK_BYTES:
+            yield task
+            task, size = [], 0
+    if task:
+        yield task
 
 
 @dataclass
@@ -215,14 +234,15 @@ class _SplitWriter:
             for split in SPLITS
         }
 
-    def add(self, result: ChunkResult) -> None:
-        """Log the chunk, append its ids to the streams, stage every shard that fills up."""
-        record = result.record()
-        self.workspace.log_chunk(record)
-        self.totals.add(record)
-        for split, ids in zip(SPLITS, result.ids):
-            for samples in self.packers[split].add(ids):
-                self._emit(split, samples)
+    def add(self, results: list[ChunkResult]) -> None:
+        """Log the chunks, append their ids to the streams, stage every shard that fills up."""
+        records = [result.record() for result in results]
+        self.workspace.log_chunks(records)
+        for record, result in zip(records, results):
+            self.totals.add(record)
+            for split, ids in zip(SPLITS, result.ids):
+                for samples in self.packers[split].add(ids):
+                    self._emit(split, samples)
 
     def finish(self) -> None:
         """Stage the last, padded shard of each split."""
@@ -236,7 +256,7 @@ class _SplitWriter:
 
     def _emit(self, split: str, samples: np.ndarray) -> None:
         index = len(self.shards[split])
-        data = shard_bytes(samples, index * self.samples_per_shard)
+        data = shard_tar(samples, index * self.samples_per_shard)
         digest = hashlib.sha256(data).hexdigest()
         record = ShardRecord(shard_name(split, index), len(samples), len(data), digest)
         self.workspace.store_shard(record, data)
@@ -357,7 +377,7 @@ def build_shards(
         "sources": [[str(s.path), s.size, s.mtime_ns] for s in sources],
     }
     workspace = ShardWorkspace(
-        Path(settings.output), identity, overwrite=settings.overwrite, progress=progress, log=log
+        Path(settings.output), identity, overwrite=settings.overwrite, progress=progress
     )
     finished = workspace.up_to_date()
     if finished is not None:
@@ -392,18 +412,16 @@ def build_shards(
 
         def drain(limit: int) -> None:
             while len(pending) > limit:
-                result = pending.popleft().get()
-                writer.add(result)
-                bar.update(result.disk_bytes)
+                results = pending.popleft().get()
+                writer.add(results)
+                bar.update(sum(result.disk_bytes for result in results))
                 bar.set_postfix_str(writer.progress(), refresh=False)
 
-        for chunk in iter_chunks(
+        chunks = iter_chunks(
             sources, text_documents=settings.text_documents, chunk_bytes=CHUNK_BYTES
-        ):
-            if chunk.index < restart:
-                bar.update(chunk.disk_bytes)
-                continue
-            pending.append(pool.apply_async(tokenize_chunk, (chunk,)))
+        )
+        for task in _tasks(chunks, restart, lambda chunk: bar.update(chunk.disk_bytes)):
+            pending.append(pool.apply_async(_tokenize_task, (task,)))
             drain(2 * settings.workers)
         drain(0)
         bar.close()

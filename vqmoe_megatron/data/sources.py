@@ -16,11 +16,12 @@ import gzip
 import io
 import json
 import lzma
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, Optional
 
 import zstandard
 from tqdm import tqdm
@@ -47,16 +48,17 @@ class Source:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Raw records of one source: whole files ("text" per file) or lines, with their position.
+    """Raw records of one source (its lines), with their position; or, with ``records`` None, a
+    whole file that is one document, left to ``decode_chunk`` to read (in a worker process).
 
-    ``first_record`` is the 0-based line (or file) index of ``records[0]`` within the source;
+    ``first_record`` is the 0-based line index of ``records[0]`` within the source;
     ``disk_bytes`` is how many bytes of the file on disk this chunk accounts for (progress).
     """
 
     index: int
     source: int
     first_record: int
-    records: list[bytes]
+    records: Optional[list[bytes]]
     disk_bytes: int
 
 
@@ -113,7 +115,7 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Source]:
     """
     if not inputs:
         raise DataError("no inputs given; pass text files, directories or glob patterns")
-    paths = sorted({p.resolve() for item in inputs for p in _expand(item)})
+    paths = sorted({Path(os.path.abspath(p)) for item in inputs for p in _expand(item)})
     if not paths:
         raise DataError(f"no input files found in {', '.join(inputs)}")
     return [_source(p) for p in paths]
@@ -156,13 +158,13 @@ def iter_chunks(
     """
     index = 0
     for number, source in enumerate(sources):
+        if source.kind == "text" and text_documents == "file":
+            yield Chunk(index, number, 0, None, source.size)
+            index += 1
+            continue
         with open(source.path, "rb") as raw:
             stream = _open(source, raw)
             try:
-                if source.kind == "text" and text_documents == "file":
-                    yield Chunk(index, number, 0, [stream.read()], source.size)
-                    index += 1
-                    continue
                 records: list[bytes] = []
                 size = first = counted = 0
                 for line_number, line in enumerate(stream):
@@ -179,6 +181,15 @@ def iter_chunks(
                     index += 1
             except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as exc:
                 raise _read_error(source, exc) from exc
+
+
+def read_whole(source: Source) -> bytes:
+    """The uncompressed content of a source."""
+    try:
+        with open(source.path, "rb") as raw:
+            return _open(source, raw).read()
+    except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as exc:
+        raise _read_error(source, exc) from exc
 
 
 def decode_utf8(data: bytes) -> tuple[str, int]:
@@ -217,7 +228,8 @@ def decode_chunk(
     """Document texts of a chunk; documents that are empty or only whitespace are dropped."""
     texts: list[str] = []
     empty = replaced = 0
-    for offset, record in enumerate(chunk.records):
+    records = chunk.records if chunk.records is not None else [read_whole(source)]
+    for offset, record in enumerate(records):
         text, bad = decode_utf8(record)
         if source.kind == "jsonl":
             if not text.strip():

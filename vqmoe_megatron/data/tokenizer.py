@@ -87,10 +87,6 @@ class Tokenizer:
         """Token ids of ``text`` (no bos/eos added)."""
         return self.processor.encode(text)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, in one call into sentencepiece."""
-        return self.processor.encode(list(texts))
-
     def decode(self, ids: Union[Sequence[int], Any]) -> str:
         """Text of ``ids`` (a list, numpy array or tensor); pad ids are dropped first."""
         values = ids.tolist() if hasattr(ids, "tolist") else list(ids)
