@@ -29,17 +29,25 @@ rotten=0) and a GLUE-style ``test.tsv`` (``index<TAB>sentence``), so that
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# As a script, data_tools/ is first on sys.path and its inspect.py would shadow the standard
+# library's (numpy imports it). remove() drops the first occurrence: that entry when present,
+# else the one appended here. The repository root goes first instead.
+sys.path.append(str(Path(__file__).resolve().parent))
+sys.path.remove(str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import bz2
 import csv
 import hashlib
 import io
 import json
-import sys
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from vqmoe_megatron.glue.submission import write_predictions
 from vqmoe_megatron.glue.tasks import GlueDataError
