@@ -125,6 +125,17 @@ def load_full_tensors(gpt: torch.nn.Module, tensors: dict[str, torch.Tensor], so
         raise CheckpointError(
             f"{source} lacks {len(missing)} tensors of this model, e.g. {missing[:3]}"
         )
+    own = gpt.state_dict()
+    wrong = [
+        f"{key}: {tuple(value.shape)} in the file, {tuple(own[key].shape)} expected"
+        for key, value in local.items()
+        if isinstance(own.get(key), torch.Tensor) and value.shape != own[key].shape
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{source} does not fit the model its config describes: {len(wrong)} tensors have "
+            f"other shapes, e.g. {'; '.join(wrong[:2])}"
+        )
     gpt.load_state_dict(local, strict=False)
 
 

@@ -82,8 +82,10 @@ STRUCTURAL_FIELDS = {
         "codebook_update",
         "discrete_layernorm",
     ),
+    "finetune": ("task", "pooling"),
 }
-"""Settings that change the parameters: a checkpoint only resumes a run that agrees on them."""
+"""Settings that change the parameters (or, for fine-tuning, the task and its head): a checkpoint
+only resumes a run that agrees on them. Sections a config lacks are skipped."""
 
 
 class CheckpointError(RuntimeError):
@@ -106,12 +108,13 @@ class TrainerState:
     version: int = CHECKPOINT_VERSION
 
 
-def model_signature(cfg: PretrainConfig) -> dict:
-    """The structural settings of a run (see STRUCTURAL_FIELDS)."""
-    sections = {"model": cfg.model, "moe": cfg.moe}
+def model_signature(cfg: Any) -> dict:
+    """The structural settings of a run config (PretrainConfig, FinetuneConfig; see
+    STRUCTURAL_FIELDS)."""
     return {
-        f"{section}.{name}": getattr(sections[section], name)
+        f"{section}.{name}": getattr(getattr(cfg, section), name)
         for section, names in STRUCTURAL_FIELDS.items()
+        if hasattr(cfg, section)
         for name in names
     }
 
@@ -213,18 +216,20 @@ def load_model_weights(gpt: torch.nn.Module, step_dir: Path, cfg: PretrainConfig
 
 
 def _sharded_state(
-    gpt: torch.nn.Module, optimizer_engine: Optional[Any], for_load: bool
+    model: torch.nn.Module, optimizer_engine: Optional[Any], for_load: bool
 ) -> tuple[dict, dict[str, torch.nn.Parameter]]:
     """megatron sharded state dict with fp32 master weights and (optionally) Adam moments,
     plus the parameter behind each parameter entry's key.
 
-    For saving the tensors are gathered over data parallelism (a collective: every rank calls
-    this with the same model); for loading they are empty fp32 templates.
+    ``model`` is the GPT or any module with a megatron-style ``sharded_state_dict()`` whose
+    entries wrap its parameters (a GPT plus a task head). For saving the tensors are gathered
+    over data parallelism (a collective: every rank calls this with the same model); for
+    loading they are empty fp32 templates.
     """
-    params = {id(p): p for p in gpt.parameters()}
+    params = {id(p): p for p in model.parameters()}
     state = {}
     owners = {}
-    for key, sh in gpt.sharded_state_dict().items():
+    for key, sh in model.sharded_state_dict().items():
         param = params.get(id(sh.data)) if isinstance(sh, ShardedTensor) else None
         if param is None:
             state[key] = sh
@@ -325,13 +330,17 @@ class CheckpointManager:
 
     def save(
         self,
-        gpt: torch.nn.Module,
+        model: torch.nn.Module,
         engine: Any,
         state: TrainerState,
-        cfg: PretrainConfig,
+        cfg: Any,
         loader_state: dict,
     ) -> Path:
-        """Collective save of step ``state.step``; returns the complete checkpoint directory."""
+        """Collective save of step ``state.step``; returns the complete checkpoint directory.
+
+        ``model``: the GPT, or a module holding it with a ``sharded_state_dict()`` (task head);
+        ``cfg``: the run config (PretrainConfig or FinetuneConfig), written as config.yaml.
+        """
         tag = _tag(state.step)
         final = self.root / tag
         partial = self.root / f"{tag}.partial"
@@ -340,7 +349,7 @@ class CheckpointManager:
             (partial / "rank_states").mkdir(parents=True)
             (partial / "dist").mkdir()
         _barrier()
-        sharded, _ = _sharded_state(gpt, engine, for_load=False)
+        sharded, _ = _sharded_state(model, engine, for_load=False)
         dist_checkpointing.save(sharded, str(partial / "dist"))
         torch.save(
             {"rng": _rng_state(), "loader": loader_state},
@@ -388,16 +397,17 @@ class CheckpointManager:
             raise CheckpointError(f"{file} does not describe a training state ({exc})") from exc
 
     def load(
-        self, path: Path, gpt: torch.nn.Module, engine: Any, cfg: PretrainConfig
+        self, path: Path, model: torch.nn.Module, engine: Any, cfg: Any
     ) -> tuple[TrainerState, Optional[dict]]:
-        """Load a checkpoint into model + engine at the current layout.
+        """Load a checkpoint into model + engine at the current layout (``model`` and ``cfg`` as
+        for :meth:`save`).
 
         Returns the trainer state and this rank's saved loader state (None when the data-parallel
         layout changed, since per-rank data positions do not carry over to other ranks).
         """
         state = self.read_state(path)
         check_signature(state.signature, model_signature(cfg), path)
-        template, owners = _sharded_state(gpt, engine, for_load=True)
+        template, owners = _sharded_state(model, engine, for_load=True)
         try:
             loaded = dist_checkpointing.load(template, str(path / "dist"))
         except Exception as exc:  # noqa: BLE001 - any reader failure means an unusable checkpoint
@@ -413,7 +423,7 @@ class CheckpointManager:
                 continue
             safe_set_full_fp32_param(param, value)
             moments[param] = {name: loaded[f"optimizer.{name}.{key}"] for name in ADAM_KEYS}
-        gpt.load_state_dict(model_state, strict=True)
+        model.load_state_dict(model_state, strict=True)
         _restore_optimizer(engine, moments, state.optimizer_steps)
         _restore_schedule(engine.lr_scheduler, engine.optimizer.param_groups, state.scheduler_steps)
         engine.global_steps = state.step

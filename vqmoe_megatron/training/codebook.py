@@ -1,17 +1,22 @@
-"""Data-dependent codebook initialisation (``moe.codebook_init: kmeans``).
+"""Codebooks during training: data-dependent initialisation and per-step upkeep.
 
-One forward pass over a batch, layer by layer: just before each VQMoE router routes, its
-codebook is set to the k-means centroids of that layer's input tokens (gathered over the
-data-parallel ranks), so deeper layers see inputs routed by already-initialised codebooks.
-Run it before the optimizer is built: ZeRO keeps its own fp32 copy of every parameter.
+Initialisation (``moe.codebook_init: kmeans``): one forward pass over a batch, layer by layer:
+just before each VQMoE router routes, its codebook is set to the k-means centroids of that
+layer's input tokens (gathered over the data-parallel ranks), so deeper layers see inputs routed
+by already-initialised codebooks. Run it before the optimizer is built: ZeRO keeps its own fp32
+copy of every parameter.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from vqmoe_megatron.model import VQMoEGPTModel
 from vqmoe_megatron.moe.layer import derived_generator
+from vqmoe_megatron.training.engine import write_codebook_rows
+from vqmoe_megatron.training.run_logger import RunLogger
 
 
 @torch.no_grad()
@@ -46,3 +51,18 @@ def initialize_codebooks(gpt: VQMoEGPTModel, tokens: torch.Tensor, seed: int) ->
             handle.remove()
         gpt.train(was_training)
     return len(initialised)
+
+
+def maintain_codebooks(
+    gpt: VQMoEGPTModel, engine: Any, step: int, seed: int, log: RunLogger, applied: bool
+) -> None:
+    """After optimizer step ``step`` (every rank): fold its code usage into the codebooks (EMA,
+    dead-code restarts written through ZeRO's master weights) when ``applied``; otherwise (a
+    skipped step, or a codebook that is not being learned) forget the step's usage."""
+    if applied:
+        restarts = gpt.maintain_codebooks(step, seed, write_rows=write_codebook_rows(engine))
+        for layer, restart in restarts.items():
+            log.info(f"layer {layer}: restarted {restart.codes.numel()} dead codes")
+    else:
+        for layer in gpt.vq_layers():
+            layer.router.quantizer.discard_step_statistics()

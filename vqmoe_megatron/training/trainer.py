@@ -32,7 +32,12 @@ from megatron.core.transformer.moe.moe_utils import (
 
 from vqmoe_megatron.config import ConfigError, PretrainConfig, dump_yaml
 from vqmoe_megatron.data import DataError, TokenShardLoader, check_manifest_matches, load_manifest
-from vqmoe_megatron.distributed import ParallelLayout, destroy_distributed, init_distributed
+from vqmoe_megatron.distributed import (
+    ParallelLayout,
+    all_reduce_floats,
+    destroy_distributed,
+    init_distributed,
+)
 from vqmoe_megatron.model import VQMoEGPTModel, build_model
 from vqmoe_megatron.moe import metrics
 from vqmoe_megatron.training.checkpoint import (
@@ -41,8 +46,8 @@ from vqmoe_megatron.training.checkpoint import (
     current_layout,
     model_signature,
 )
-from vqmoe_megatron.training.codebook import initialize_codebooks
-from vqmoe_megatron.training.engine import LanguageModel, initialize_engine, write_codebook_rows
+from vqmoe_megatron.training.codebook import initialize_codebooks, maintain_codebooks
+from vqmoe_megatron.training.engine import LanguageModel, initialize_engine
 from vqmoe_megatron.training.flops import device_peak_tflops, flops_per_token
 from vqmoe_megatron.training.run_logger import RunLogger, progress_line
 
@@ -74,6 +79,34 @@ class StopRequest:
         return int(flag.item()) or None
 
 
+class LoopControl:
+    """What a training loop does at every step boundary and at its end, shared by pretraining
+    and fine-tuning. The loop class provides ``save()`` and the attributes ``cfg`` (with
+    ``train``), ``stop`` (StopRequest), ``device``, ``out``, ``rank0``, ``log`` and ``state``."""
+
+    def end_step(self, step: int, healthy: bool) -> bool:
+        """After step ``step`` (collective): if any rank received a stop signal, checkpoint,
+        let rank 0 write ``<out>/preempted``, and return True (the run then exits 0 so that slurm
+        can requeue it); else save every ``train.save_interval`` steps while ``healthy``."""
+        stop_signal = self.stop.agreed(self.device)
+        if stop_signal:
+            self.save()
+            if self.rank0:
+                (self.out / PREEMPTED).write_text(f"step {step} signal {stop_signal}\n")
+            self.log.info(f"stopping at step {step} on a signal; resubmit to continue")
+            return True
+        train = self.cfg.train
+        if step % train.save_interval == 0 and step != train.steps and healthy:
+            self.save()
+        return False
+
+    def mark_complete(self, message: str) -> None:
+        """The run is done: rank 0 writes ``<out>/complete`` (the step) and logs ``message``."""
+        if self.rank0:
+            (self.out / COMPLETE).write_text(f"{self.state.step}\n")
+        self.log.info(message)
+
+
 def validate_config(cfg: PretrainConfig) -> None:
     """Refuse settings that cannot work, naming the setting and the fix."""
     train, moe = cfg.train, cfg.moe
@@ -96,14 +129,7 @@ def validate_config(cfg: PretrainConfig) -> None:
         raise ConfigError("train.steps, train.log_interval and train.save_interval must be >= 1")
 
 
-def _all_reduce(values: list[float], device: torch.device, group=None) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(tensor, group=group)
-    return tensor.tolist()
-
-
-class Pretrainer:
+class Pretrainer(LoopControl):
     """Owns one pretraining run (construct, then :meth:`run`)."""
 
     def __init__(self, cfg: PretrainConfig) -> None:
@@ -218,19 +244,8 @@ class Pretrainer:
             count_total += float(count)
         skipped = self.engine.skipped_steps > skipped_before
         nonfinite = skipped or not math.isfinite(nll_total)
-        (flag,) = _all_reduce([1.0 if nonfinite else 0.0], self.device)
+        (flag,) = all_reduce_floats([1.0 if nonfinite else 0.0], self.device)
         return nll_total, count_total, flag > 0
-
-    def _maintain_codebooks(self, step: int, applied: bool) -> None:
-        if applied:
-            restarts = self.gpt.maintain_codebooks(
-                step, self.cfg.train.seed, write_rows=write_codebook_rows(self.engine)
-            )
-            for layer, restart in restarts.items():
-                self.log.info(f"layer {layer}: restarted {restart.codes.numel()} dead codes")
-        else:
-            for layer in self.gpt.vq_layers():
-                layer.router.quantizer.discard_step_statistics()
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -254,7 +269,7 @@ class Pretrainer:
         finally:
             metrics.set_enabled(True)
             self.engine.train()
-        nll, count = _all_reduce(
+        nll, count = all_reduce_floats(
             [nll, count], self.device, parallel_state.get_data_parallel_group()
         )
         loss = nll / max(count, 1.0)
@@ -289,7 +304,7 @@ class Pretrainer:
         return values
 
     def _log(self, step: int, window: dict, start_time: float, start_step: int) -> None:
-        nll, count = _all_reduce(
+        nll, count = all_reduce_floats(
             [window["nll"], window["count"]], self.device, parallel_state.get_data_parallel_group()
         )
         elapsed = window["time"]
@@ -343,7 +358,9 @@ class Pretrainer:
             self.state.step = step
             self.state.consumed_samples += self.tokens_per_step // self.cfg.model.seq_length
             self.state.consumed_tokens += self.tokens_per_step
-            self._maintain_codebooks(step, applied=not nonfinite)
+            maintain_codebooks(
+                self.gpt, self.engine, step, self.cfg.train.seed, self.log, applied=not nonfinite
+            )
             if nonfinite:
                 nonfinite_run += 1
                 self.state.skipped_steps += 1
@@ -375,19 +392,10 @@ class Pretrainer:
                         f"| bpb {result['bpb']:.4f}"
                     )
                     self.log.scalars(step, result, kind="eval")
-            stop_signal = self.stop.agreed(self.device)
-            if stop_signal:
-                self.save()
-                if self.rank0:
-                    (self.out / PREEMPTED).write_text(f"step {step} signal {stop_signal}\n")
-                self.log.info(f"stopping at step {step} on a signal; resubmit to continue")
+            if self.end_step(step, healthy=not nonfinite_run):
                 return 0
-            if step % train.save_interval == 0 and step != train.steps and not nonfinite_run:
-                self.save()
         self.save()
-        if self.rank0:
-            (self.out / COMPLETE).write_text(f"{self.state.step}\n")
-        self.log.info("training complete")
+        self.mark_complete("training complete")
         return 0
 
     def close(self) -> None:

@@ -1,0 +1,157 @@
+"""Run the project's training programs as a user would: plain python, torchrun, the DeepSpeed
+launcher or mpirun; read back what a run logged. Shared by the pretraining and fine-tuning tests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from dist_utils import child_env, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+PRETRAIN = REPO / "pretrain" / "pretrain_vqmoe.py"
+TINY_CONFIG = REPO / "pretrain" / "configs" / "tiny.yaml"
+
+
+def launch_command(script: Path, nproc: int = 1, launcher: str = "python") -> list[str]:
+    """The command line that starts ``script`` on ``nproc`` local processes."""
+    if nproc == 1 and launcher == "python":
+        return [sys.executable, str(script)]
+    if launcher == "deepspeed":
+        return [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            str(script),
+        ]
+    if launcher == "mpirun":
+        return [
+            shutil.which("mpirun") or "mpirun",
+            "-np",
+            str(nproc),
+            "--oversubscribe",
+            "-x",
+            "PYTHONPATH",
+            sys.executable,
+            str(script),
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(script),
+    ]
+
+
+def launch_env() -> dict:
+    """Child environment (tests/ importable, one thread per process, MPI allowed as root)."""
+    return child_env(
+        {
+            "OMPI_ALLOW_RUN_AS_ROOT": "1",
+            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            "OMPI_MCA_btl": "self,tcp",
+        }
+    )
+
+
+def run_program(
+    script: Path, args: list[str], *, nproc: int = 1, launcher: str = "python", check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run ``script args`` to completion; a failure (when ``check``) fails the test with the
+    output's tail."""
+    cmd = [*launch_command(script, nproc, launcher), *args]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env=launch_env(), cwd=REPO
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"{script.name} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-5000:]}"
+        )
+    return proc
+
+
+def pretrain_overrides(shards: Path, out: Path, *extra: str) -> list[str]:
+    """Quiet, short-run settings of the tiny config plus ``extra``."""
+    return [
+        f"data.data_dir={shards}",
+        f"train.output_dir={out}",
+        "train.tensorboard=false",
+        "train.eval_interval=0",
+        "train.log_interval=1",
+        "train.save_interval=1000",
+        *extra,
+    ]
+
+
+def pretrain(
+    shards: Path,
+    out: Path,
+    *extra: str,
+    nproc: int = 1,
+    launcher: str = "python",
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run the pretraining CLI (tiny config) to completion."""
+    args = ["--config", str(TINY_CONFIG), *pretrain_overrides(shards, out, *extra)]
+    return run_program(PRETRAIN, args, nproc=nproc, launcher=launcher, check=check)
+
+
+def records(out: Path, kind: str = "train") -> list[dict]:
+    """The ``kind`` records of a run's metrics.jsonl, in order."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until the run writing ``out/metrics.jsonl`` has logged ``step``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before step {step}: {proc.stdout.read()[-3000:]}")
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and any(r["step"] >= step for r in records(out)):
+            return
+        time.sleep(0.1)
+    pytest.fail(f"step {step} not reached in {timeout} s")
+
+
+def run_and_signal_one_rank(
+    script: Path, args: list[str], out: Path, after_step: int, nproc: int = 2
+) -> tuple[int, str]:
+    """Run ``script`` under torchrun and SIGTERM its last rank once ``after_step`` is logged
+    (as a node-local preemption would: the ranks agree on the stop at the next step boundary).
+    Returns the exit code and the output."""
+    cmd = [*launch_command(script, nproc, "torchrun"), *args]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=launch_env(), cwd=REPO
+    )
+    try:
+        wait_for_step(out, after_step, proc)
+        ranks = [
+            c for c in psutil.Process(proc.pid).children() if str(script) in " ".join(c.cmdline())
+        ]
+        assert len(ranks) == nproc
+        ranks[-1].send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, output
