@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Sequence
-from typing import Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 from vqmoe_megatron.config import ConfigError, PretrainConfig, load_config
 
@@ -89,19 +89,41 @@ def run_pretraining(
         return fail(str(exc))
     if dry_run:
         return print_dry_run(cfg, world_size)
+    from vqmoe_megatron.training.trainer import Pretrainer
+
+    return _train(lambda: Pretrainer(cfg))
+
+
+def _train(build: Callable[[], Any]) -> int:
+    """Build a trainer, run it, close it; a user's mistake ends in one ``error:`` line."""
     from vqmoe_megatron.data import DataError
     from vqmoe_megatron.distributed import destroy_distributed
+    from vqmoe_megatron.glue import GlueDataError
     from vqmoe_megatron.training.checkpoint import CheckpointError
-    from vqmoe_megatron.training.trainer import Pretrainer, TrainingAborted
+    from vqmoe_megatron.training.trainer import TrainingAborted
 
     trainer = None
     try:
-        trainer = Pretrainer(cfg)
+        trainer = build()
         return trainer.run()
-    except (ConfigError, DataError, CheckpointError, TrainingAborted) as exc:
+    except (ConfigError, DataError, GlueDataError, CheckpointError, TrainingAborted) as exc:
         return fail(str(exc))
     finally:
         if trainer is not None:
             trainer.close()
         else:
             destroy_distributed()
+
+
+def run_finetuning(config_path: Optional[str], overrides: Sequence[str]) -> int:
+    """Resolve the fine-tuning config against the pretrained checkpoint, then fine-tune;
+    returns the exit code."""
+    _quiet_third_party_warnings()
+    from vqmoe_megatron.finetune.pretrained import load_finetune_config
+    from vqmoe_megatron.finetune.trainer import GlueFinetuner
+
+    def build() -> GlueFinetuner:
+        cfg, pretrained = load_finetune_config(config_path, overrides)
+        return GlueFinetuner(cfg, pretrained)
+
+    return _train(build)

@@ -183,6 +183,69 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+@dataclass
+class FinetuneSettings:
+    """One GLUE fine-tuning run (``finetune/glue.py``): the task, where the weights come from,
+    the head, and the schedule in epochs."""
+
+    task: str = "SST-2"
+    """GLUE task name, case and '-'/'_' ignored (sst2, MNLI, sts-b, ...)."""
+    data_dir: Optional[str] = None
+    """GLUE data folder that holds ``<task>/`` (e.g. data/glue, with data/glue/SST-2/*.tsv)."""
+    pretrained: Optional[str] = None
+    """Pretraining run, its checkpoints/ or a step_* directory, or a consolidated directory."""
+    tokenizer: Optional[str] = None
+    """sentencepiece model; None: the consolidated directory's tokenizer.model, else the one in
+    the pretraining data's manifest."""
+    routing: Literal["discrete", "pretrain"] = "discrete"
+    """'discrete': router and gate dropped, nearest code only (METHOD.md section 3);
+    'pretrain': router and gate kept (the ablation)."""
+    train_codebook: bool = False
+    """Learn the codebook (and restart dead codes); frozen by default, in both routing modes."""
+    vq_loss: bool = True
+    """Keep the VQ loss (with a frozen codebook: the commitment term only moves the tokens)."""
+    pooling: Literal["last", "mean"] = "last"
+    """Sentence vector for the head: the last real token (EOS, which attends to the whole input
+    under causal attention) or the mean over real tokens."""
+    head_dropout: float = 0.1
+    max_seq_length: Optional[int] = None
+    """Longer inputs are truncated (longest text first); None: the model's seq_length."""
+    micro_batch_size: int = 32
+    epochs: int = 3
+    steps: Optional[int] = None
+    """Stop after this many optimizer steps instead of ``epochs`` epochs."""
+    warmup_fraction: float = 0.1
+    """LR warmup as a fraction of all steps (sets train.warmup_steps)."""
+
+
+def _finetune_train_defaults() -> TrainConfig:
+    return TrainConfig(
+        output_dir="runs/glue",
+        lr=1e-4,
+        lr_schedule="linear",
+        weight_decay=0.01,
+        grad_clip=1.0,
+        log_interval=50,
+        eval_interval=0,
+        save_interval=1000,
+        keep_last=1,
+        tensorboard=False,
+    )
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run needs. ``model`` and ``moe`` start from the pretrained
+    checkpoint's config; ``train.steps`` and ``train.warmup_steps`` are derived from
+    ``finetune`` (epochs or steps, warmup fraction) when the run starts."""
+
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=_finetune_train_defaults)
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 

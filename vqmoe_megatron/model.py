@@ -233,6 +233,29 @@ class VQMoEGPTModel(GPTModel):
         if type(rope) is RotaryEmbedding:
             rope.__class__ = DeviceSafeRotaryEmbedding
 
+    def final_hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The decoder's output after the final norm, without the LM output layer.
+
+        ``input_ids``, ``position_ids`` [B, S]; ``padding_mask`` [B, S], True = padding (kept
+        out of the MoE routing statistics and the VQ loss). Returns [S, B, H], or this rank's
+        [S / TP, B, H] slice under sequence parallelism. Attention is causal, so right padding
+        leaves the real tokens' states unchanged.
+        """
+        decoder_input, rotary_pos_emb, _, _, _, padding_mask = self._preprocess(
+            input_ids=input_ids, position_ids=position_ids, padding_mask=padding_mask
+        )[:6]
+        return self.decoder(
+            hidden_states=decoder_input,
+            attention_mask=None,
+            rotary_pos_emb=rotary_pos_emb,
+            padding_mask=padding_mask,
+        )
+
     def moe_layers(self) -> list[PortableMoELayer]:
         """The MoE layers, in depth order."""
         return [m for m in self.modules() if isinstance(m, PortableMoELayer)]

@@ -1,0 +1,179 @@
+"""Where a fine-tuning run's model comes from: the pretrained checkpoint's config and tokenizer,
+and the run config built on them.
+
+The run config starts from the checkpoint's ``model`` and ``moe`` sections (the structure must
+be the checkpoint's; non-structural settings such as dropout may be overridden), then the
+optional YAML file, then ``section.key=value`` overrides. ``finetune.routing``,
+``train_codebook`` and ``vq_loss`` are then written into ``moe`` (routing_mode,
+train_codebook_in_discrete, vq_loss_in_discrete; vq_loss_coeff 0 when the loss is off), so the
+resolved config says what the model was built with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Union
+
+from vqmoe_megatron.config import (
+    ConfigError,
+    FinetuneConfig,
+    PretrainConfig,
+    from_dict,
+    merge,
+    parse_overrides,
+    read_yaml,
+    to_dict,
+)
+from vqmoe_megatron.convert.consolidated import (
+    CONFIG,
+    TOKENIZER,
+    is_consolidated,
+    pretrained_config,
+)
+from vqmoe_megatron.data import DataError, Tokenizer, load_manifest
+from vqmoe_megatron.glue.tasks import get_task
+from vqmoe_megatron.training.checkpoint import (
+    CheckpointError,
+    model_signature,
+    resolve_checkpoint,
+)
+
+
+def read_pretrained_config(path: Union[str, Path]) -> PretrainConfig:
+    """The pretraining config stored with ``path`` (consolidated directory or training
+    checkpoint); refuses paths that do not exist and fine-tuning outputs."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"pretrained checkpoint {path} does not exist; give a pretraining run directory, its "
+            "checkpoints/ or a checkpoints/step_* directory, or a consolidated directory"
+        )
+    config_file = path / CONFIG if is_consolidated(path) else resolve_checkpoint(path) / CONFIG
+    try:
+        raw = read_yaml(config_file)
+    except ConfigError as exc:
+        raise CheckpointError(f"cannot read {config_file}: {exc}") from exc
+    if "finetune" in raw:
+        raise CheckpointError(
+            f"{path} was written by a fine-tuning run (task {raw['finetune'].get('task')}), not "
+            "by pretraining; pass a pretraining checkpoint or a consolidated one"
+        )
+    return pretrained_config(path)
+
+
+def _recorded_tokenizer(pretrained: Path, cfg: PretrainConfig) -> tuple[Optional[Path], str]:
+    """The tokenizer a checkpoint names (consolidated copy, else the data manifest's) and where
+    that came from; (None, reason) when it names none that can be read."""
+    if is_consolidated(pretrained):
+        if (pretrained / TOKENIZER).is_file():
+            return pretrained / TOKENIZER, f"the copy in {pretrained}"
+        return None, f"{pretrained} holds no {TOKENIZER}"
+    if not cfg.data.data_dir:
+        return None, f"the config of {pretrained} names no data.data_dir"
+    try:
+        manifest = load_manifest(cfg.data.data_dir)
+    except DataError as exc:
+        return None, f"its data manifest cannot be read ({exc})"
+    return Path(manifest.tokenizer_model), f"the manifest of {manifest.data_dir}"
+
+
+def resolve_tokenizer(
+    pretrained: Union[str, Path], cfg: PretrainConfig, explicit: Optional[str] = None
+) -> Tokenizer:
+    """The tokenizer to fine-tune ``pretrained`` with: ``explicit`` or the recorded one.
+
+    Its vocabulary must be the model's; when the checkpoint records a tokenizer, an explicit
+    one must also be that very file (same sha256).
+    """
+    pretrained = Path(pretrained)
+    recorded, where = _recorded_tokenizer(pretrained, cfg)
+    if explicit is None:
+        if recorded is None:
+            raise DataError(
+                f"cannot find the tokenizer of {pretrained}: {where}; pass --tokenizer PATH"
+            )
+        if not recorded.is_file():
+            raise DataError(
+                f"the tokenizer recorded for {pretrained} ({recorded}, from {where}) does not "
+                "exist; pass --tokenizer PATH"
+            )
+    tokenizer = Tokenizer(explicit or recorded)
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise DataError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but {pretrained} was "
+            f"pretrained with model.vocab_size={cfg.model.vocab_size}; pass the tokenizer it was "
+            "pretrained with (--tokenizer)"
+        )
+    if explicit is not None and recorded is not None and recorded.is_file():
+        expected = Tokenizer(recorded).sha256
+        if tokenizer.sha256 != expected:
+            raise DataError(
+                f"tokenizer {tokenizer.path} is not the one {pretrained} was pretrained with "
+                f"({recorded}, from {where}; sha256 {expected[:12]}... vs {tokenizer.sha256[:12]}"
+                "...); pass that file, or leave --tokenizer out"
+            )
+    return tokenizer
+
+
+def load_finetune_config(
+    config_path: Optional[Union[str, Path]], overrides: Sequence[str]
+) -> tuple[FinetuneConfig, PretrainConfig]:
+    """The resolved fine-tuning config (see the module docstring) and the pretraining config."""
+    data = read_yaml(config_path) if config_path is not None else {}
+    source = str(config_path) if config_path is not None else "defaults"
+    updates = parse_overrides(overrides)
+    from_dict(FinetuneConfig, data, source)
+    from_dict(FinetuneConfig, updates, "command line")
+    given = merge(data, updates)
+    settings = from_dict(FinetuneConfig, {"finetune": given.get("finetune", {})}).finetune
+    for name, flag in (("data_dir", "--data_dir"), ("pretrained", "--pretrained")):
+        if getattr(settings, name) is None:
+            raise ConfigError(f"finetune.{name} is not set: pass {flag}")
+    pretrained = read_pretrained_config(settings.pretrained)
+    base = to_dict(FinetuneConfig())
+    base["model"], base["moe"] = to_dict(pretrained.model), to_dict(pretrained.moe)
+    cfg = from_dict(FinetuneConfig, merge(base, given), source)
+    cfg = replace(cfg, finetune=replace(cfg.finetune, task=get_task(cfg.finetune.task).name))
+    _check_structure(cfg, pretrained, settings.pretrained)
+    return _apply_finetune_settings(cfg, pretrained, settings.pretrained), pretrained
+
+
+def _check_structure(cfg: FinetuneConfig, pretrained: PretrainConfig, path: str) -> None:
+    ours = model_signature(PretrainConfig(model=cfg.model, moe=cfg.moe))
+    theirs = model_signature(pretrained)
+    diffs = [
+        f"{key}: checkpoint {theirs[key]!r}, given {value!r}"
+        for key, value in ours.items()
+        if value != theirs[key] and key != "moe.routing_mode"
+    ]
+    if diffs:
+        raise ConfigError(
+            f"the model's structure comes from the pretrained checkpoint {path}; these overrides "
+            f"change it: {'; '.join(diffs)}. Drop them"
+        )
+
+
+def _apply_finetune_settings(
+    cfg: FinetuneConfig, pretrained: PretrainConfig, path: str
+) -> FinetuneConfig:
+    ft = cfg.finetune
+    if ft.routing == "pretrain" and pretrained.moe.routing_mode == "discrete":
+        raise ConfigError(
+            f"--routing pretrain keeps the router and gate, but {path} was pretrained in "
+            "discrete mode and has neither; use --routing discrete"
+        )
+    if ft.routing == "discrete" and pretrained.moe.router != "vqmoe":
+        raise ConfigError(
+            f"{path} has no codebook to route by (moe.router={pretrained.moe.router}); fine-tune "
+            "it with its router: --routing pretrain"
+        )
+    moe = replace(
+        cfg.moe,
+        routing_mode=ft.routing,
+        train_codebook_in_discrete=ft.train_codebook,
+        vq_loss_in_discrete=ft.vq_loss,
+        vq_loss_coeff=cfg.moe.vq_loss_coeff if ft.vq_loss else 0.0,
+    )
+    return replace(cfg, moe=moe)
