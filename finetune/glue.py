@@ -64,7 +64,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value settings")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     overrides = [  # values as JSON: a path such as "on" or "007" stays a string
         f"{key}={json.dumps(getattr(args, flag[2:]))}"
         for flag, (key, _, _) in FLAGS.items()

@@ -15,8 +15,8 @@
 # One launcher on the node starts GPUS_PER_NODE ranks; 3 min before the time limit every rank
 # gets SIGUSR1, saves, and the job requeues itself. Design and the shared knobs (LAUNCHER, PYTHON,
 # GPUS_PER_NODE, MASTER_PORT, EXTRA, NCCL_*): slurm/common.sh. Knobs of this script:
-#   TASK              sst2
-#   DATA_DIR          data/glue/$TASK
+#   TASK              sst2 (any GLUE task name: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli)
+#   DATA_DIR          data/glue (the GLUE folder that holds one folder per task: SST-2/, MNLI/, ...)
 #   PRETRAINED        runs/vqmoe-large/checkpoints
 #   OUTPUT_DIR        runs/glue/$TASK
 #   DEEPSPEED_CONFIG  (unset: the program's default) a DeepSpeed JSON config
@@ -29,7 +29,7 @@ source "${REPO_DIR:?cannot find the repository: set REPO_DIR}/slurm/common.sh"
 
 TASK="${TASK:-sst2}"
 OUTPUT_DIR="${OUTPUT_DIR:-runs/glue/${TASK}}"
-args=(--task "${TASK}" --data_dir "${DATA_DIR:-data/glue/${TASK}}"
+args=(--task "${TASK}" --data_dir "${DATA_DIR:-data/glue}"
     --pretrained "${PRETRAINED:-runs/vqmoe-large/checkpoints}" --output_dir "${OUTPUT_DIR}")
 if [[ -n "${DEEPSPEED_CONFIG:-}" ]]; then
     args+=(--deepspeed_config "${DEEPSPEED_CONFIG}")

@@ -154,6 +154,6 @@ def load_pretrained(gpt: torch.nn.Module, path: Path, cfg: PretrainConfig) -> No
         check_signature(
             model_signature(saved), model_signature(cfg), path, ignore=("moe.routing_mode",)
         )
-        load_full_tensors(gpt, tensors, path)
+        load_full_tensors(gpt, tensors, path / WEIGHTS)
     else:
         load_model_weights(gpt, resolve_checkpoint(path), cfg)
