@@ -1,0 +1,103 @@
+"""How a fine-tuning run's config is resolved: the command line of finetune/glue.py, the
+pretrained checkpoint's structure, the fine-tuning defaults, and the routing settings."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from finetune.glue import parse_args
+from vqmoe_megatron.config import ConfigError, ModelConfig, MoEConfig, PretrainConfig, dump_yaml
+from vqmoe_megatron.finetune.pretrained import load_finetune_config
+from vqmoe_megatron.glue import GlueDataError
+
+MODEL = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=400)
+
+
+def _consolidated(tmp_path: Path, **moe) -> Path:
+    """A consolidated directory as far as the config goes (the weights are never read here)."""
+    path = tmp_path / "pretrained"
+    dump_yaml(
+        PretrainConfig(model=MODEL, moe=MoEConfig(num_experts=4, **moe)), path / "config.yaml"
+    )
+    (path / "model.safetensors").write_bytes(b"")
+    return path
+
+
+def _load(pretrained: Path, *overrides: str):
+    base = ["finetune.task=rte", "finetune.data_dir=data/glue", f"finetune.pretrained={pretrained}"]
+    return load_finetune_config(None, [*base, *overrides])
+
+
+def test_flags_become_overrides_in_any_order_with_values_kept_as_strings():
+    args, overrides = parse_args(
+        ["--task", "sst2", "train.lr=1e-3", "--steps", "5", "parallel.expert_parallel=2"]
+        + ["--output_dir", "on", "--local_rank=1", "--train_codebook", "--no_vq_loss"]
+    )
+    assert args.local_rank == 1 and args.config is None
+    assert overrides == [
+        'finetune.task="sst2"',
+        'train.output_dir="on"',
+        "finetune.steps=5",
+        "finetune.train_codebook=true",
+        "finetune.vq_loss=false",
+        "train.lr=1e-3",
+        "parallel.expert_parallel=2",
+    ]
+
+
+def test_structure_comes_from_the_checkpoint_and_the_rest_from_fine_tuning_defaults(tmp_path):
+    pretrained = _consolidated(tmp_path, routing_mode="pretrain", vq_loss_coeff=0.3)
+    cfg, saved = _load(pretrained, "train.lr=3e-4", "model.hidden_dropout=0.1")
+    assert cfg.model == replace(MODEL, hidden_dropout=0.1) and saved.model == MODEL
+    assert cfg.finetune.task == "RTE"
+    assert cfg.train.lr == 3e-4 and cfg.train.lr_schedule == "linear"  # fine-tuning defaults
+    assert cfg.train.weight_decay == 0.01 and cfg.parallel.expert_parallel == 1
+    moe = cfg.moe
+    assert moe.routing_mode == "discrete" and moe.num_experts == 4
+    assert not moe.train_codebook_in_discrete and moe.vq_loss_in_discrete
+    assert moe.vq_loss_coeff == 0.3
+
+
+def test_routing_codebook_and_vq_loss_settings_are_written_into_moe(tmp_path):
+    pretrained = _consolidated(tmp_path)
+    cfg, _ = _load(
+        pretrained,
+        "finetune.routing=pretrain",
+        "finetune.train_codebook=true",
+        "finetune.vq_loss=false",
+    )
+    assert cfg.moe.routing_mode == "pretrain" and cfg.moe.train_codebook_in_discrete
+    assert not cfg.moe.vq_loss_in_discrete and cfg.moe.vq_loss_coeff == 0.0
+
+
+@pytest.mark.parametrize(
+    "overrides,moe,message",
+    [
+        (("model.num_layers=3",), {}, "model.num_layers: checkpoint 2, given 3"),
+        (("moe.num_experts=8",), {}, "moe.num_experts: checkpoint 4, given 8"),
+        (
+            ("finetune.routing=pretrain",),
+            {"routing_mode": "discrete"},
+            "pretrained in discrete mode and has neither",
+        ),
+        ((), {"router": "topk"}, "no codebook to route by (moe.router=topk)"),
+        (("finetune.epochs=two",), {}, "'finetune.epochs': expected an integer"),
+        (("finetune.pooling=max",), {}, "'max' is not one of ['last', 'mean']"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused(tmp_path, overrides, moe, message):
+    with pytest.raises(ConfigError) as err:
+        _load(_consolidated(tmp_path, **moe), *overrides)
+    assert message in str(err.value)
+
+
+def test_missing_paths_and_unknown_tasks_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="finetune.pretrained is not set: pass --pretrained"):
+        load_finetune_config(None, ["finetune.data_dir=x"])
+    with pytest.raises(ConfigError, match="finetune.data_dir is not set: pass --data_dir"):
+        load_finetune_config(None, [f"finetune.pretrained={tmp_path}"])
+    with pytest.raises(GlueDataError, match="unknown GLUE task 'mnli2'.*did you mean MNLI"):
+        _load(_consolidated(tmp_path), "finetune.task=mnli2")
