@@ -3,6 +3,7 @@ pretrained checkpoint's structure, the fine-tuning defaults, and the routing set
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from finetune.glue import parse_args
 from vqmoe_megatron.config import ConfigError, ModelConfig, MoEConfig, PretrainConfig, dump_yaml
 from vqmoe_megatron.finetune.pretrained import load_finetune_config
+from vqmoe_megatron.finetune.trainer import check_batch_settings
 from vqmoe_megatron.glue import GlueDataError
 
 MODEL = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=400)
@@ -101,3 +103,19 @@ def test_missing_paths_and_unknown_tasks_are_refused(tmp_path):
         load_finetune_config(None, [f"finetune.pretrained={tmp_path}"])
     with pytest.raises(GlueDataError, match="unknown GLUE task 'mnli2'.*did you mean MNLI"):
         _load(_consolidated(tmp_path), "finetune.task=mnli2")
+
+
+def test_a_deepspeed_config_may_not_change_the_batch(tmp_path):
+    cfg, _ = _load(_consolidated(tmp_path), "finetune.micro_batch_size=8")
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    cfg = replace(cfg, train=replace(cfg.train, deepspeed_config=str(ds)))
+    check_batch_settings(cfg, data_parallel=4)
+    ds.write_text(json.dumps({"gradient_accumulation_steps": 4, "train_batch_size": 32}))
+    with pytest.raises(ConfigError) as err:
+        check_batch_settings(cfg, data_parallel=4)
+    assert str(err.value).startswith(f"{ds} sets gradient_accumulation_steps=4")
+    assert "--micro_batch_size and train.gradient_accumulation_steps" in str(err.value)
+    ds.unlink()
+    with pytest.raises(ConfigError, match=f"train.deepspeed_config: {ds} does not exist"):
+        check_batch_settings(cfg, data_parallel=4)
