@@ -115,8 +115,12 @@ def pretrain(
 
 
 def records(out: Path, kind: str = "train") -> list[dict]:
-    """The ``kind`` records of a run's metrics.jsonl, in order."""
-    lines = (out / "metrics.jsonl").read_text().splitlines()
+    """The ``kind`` records ("train" or "eval") of a run's metrics.jsonl, in file order; none
+    before the file exists, and a line rank 0 is still writing is left out."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")[:-1]
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
@@ -126,8 +130,7 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
     while time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"run ended before step {step}: {proc.stdout.read()[-3000:]}")
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and any(r["step"] >= step for r in records(out)):
+        if any(r["step"] >= step for r in records(out)):
             return
         time.sleep(0.1)
     pytest.fail(f"step {step} not reached in {timeout} s")

@@ -87,6 +87,15 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval:
         time.sleep(interval)
 
 
+def read_marker(marker: Path) -> str | None:
+    """A marker file's text (``preempted``: "step N signal S") once written in full, else None."""
+    try:
+        text = marker.read_text()
+    except FileNotFoundError:
+        return None
+    return text if text.endswith("\n") else None
+
+
 def _free_ports(count: int) -> list[int]:
     """Ports that are free on 127.0.0.1 right now."""
     sockets = [socket.socket() for _ in range(count)]
@@ -334,6 +343,16 @@ class SlurmCluster:
     def requeue(self, job_id: str) -> None:
         """``scontrol requeue``: end the running job and put it back in the queue."""
         self.run("scontrol", "requeue", job_id)
+
+    def while_running(self, job_id: str, check: Callable[[], T | None], timeout: float = 300) -> T:
+        """``wait_for(check)``, failing at once if the job ends first."""
+
+        def running_check() -> T | None:
+            if self.state(job_id) in FINAL_STATES:
+                raise AssertionError(f"job {job_id} ended early: {self.job(job_id)}")
+            return check()
+
+        return wait_for(running_check, timeout=timeout, what=f"job {job_id}")
 
     def signal(self, job_id: str, sig: str | int, batch: bool = False) -> None:
         """``scancel --signal``: send ``sig`` to every job step's processes (or the batch shell)."""

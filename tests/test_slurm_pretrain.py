@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import records
 from data_helpers import tiny_shards
-from slurm_cluster import CPU_NODE_ARGS, FINAL_STATES, NODES, SlurmCluster, wait_for
+from slurm_cluster import CPU_NODE_ARGS, NODES, SlurmCluster, read_marker
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -57,36 +58,6 @@ def _submit(cluster: SlurmCluster, shards: Path, out: Path, log: Path, extra: st
     )
 
 
-def _records(out: Path, kind: str = "train") -> list[dict]:
-    """The run's metrics.jsonl records of one kind ("train" or "eval"), in file order (a line
-    rank 0 is still writing is left out)."""
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_text().split("\n")[:-1]
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def _read_marker(marker: Path) -> str | None:
-    """The ``preempted`` marker's line once it is written in full, else None."""
-    try:
-        text = marker.read_text()
-    except FileNotFoundError:
-        return None
-    return text if text.endswith("\n") else None
-
-
-def _while_running(cluster: SlurmCluster, job: str, check: Callable[[], object]) -> object:
-    """wait_for(check), failing at once if the job ends first."""
-
-    def running_check() -> object:
-        if cluster.state(job) in FINAL_STATES:
-            raise AssertionError(f"job {job} ended early: {cluster.job(job)}")
-        return check()
-
-    return wait_for(running_check, timeout=300, what=f"job {job}")
-
-
 def _preempt_and_resume(
     cluster: SlurmCluster, shards: Path, tmp_path: Path, preempt: Callable[[str], None]
 ) -> tuple[int, str]:
@@ -98,13 +69,13 @@ def _preempt_and_resume(
         "train.save_interval=100000"
     )
     job = _submit(cluster, shards, out, log, extra)
-    _while_running(cluster, job, lambda: len(_records(out)) >= 3 or None)
+    cluster.while_running(job, lambda: len(records(out)) >= 3 or None)
     preempt(job)
     # Rank 0 writes the marker after the ranks saved; it lasts until the requeued run starts
     # (slurm holds a requeued job for cred_expire, 10 s on the test cluster).
     marker = out / "preempted"
-    stopped = _while_running(cluster, job, lambda: _read_marker(marker))
-    first_run = _records(out)
+    stopped = cluster.while_running(job, lambda: read_marker(marker))
+    first_run = records(out)
     assert cluster.wait(job, timeout=900) == "COMPLETED", log.read_text()
 
     text = log.read_text()
@@ -127,12 +98,12 @@ def _preempt_and_resume(
 
     # metrics.jsonl (appended to by both runs): 1..step, then step+1..the end, no gap or repeat.
     assert [r["step"] for r in first_run] == list(range(1, step + 1))
-    records = _records(out)
-    assert records[: len(first_run)] == first_run
-    assert [r["step"] for r in records[len(first_run) :]] == list(
+    both_runs = records(out)
+    assert both_runs[: len(first_run)] == first_run
+    assert [r["step"] for r in both_runs[len(first_run) :]] == list(
         range(step + 1, PREEMPTED_STEPS + 1)
     )
-    assert all(math.isfinite(r["loss"]) for r in records)
+    assert all(math.isfinite(r["loss"]) for r in both_runs)
     assert (out / "complete").read_text() == f"{PREEMPTED_STEPS}\n"
     assert (out / "checkpoints" / "latest").read_text() == f"step_{PREEMPTED_STEPS:08d}"
     assert not marker.exists()
@@ -157,12 +128,12 @@ def test_two_node_tiny_pretraining_trains_and_checkpoints(
     assert text.count("launch ended with status 0") == 1, text
     assert slurm_cluster.job(job)["Restarts"] == "0"
 
-    train = _records(out)
+    train = records(out)
     assert [r["step"] for r in train] == [5, 10, 15, 20]
     losses = [r["loss"] for r in train]
     assert all(math.isfinite(loss) for loss in losses), losses
     assert losses[-1] < losses[0], losses
-    evals = _records(out, "eval")
+    evals = records(out, "eval")
     assert [r["step"] for r in evals] == [10, 20]
     assert all(math.isfinite(r["loss"]) for r in evals), evals
 
