@@ -34,7 +34,7 @@ FLAGS = {
     ),
     "--data_dir": ("finetune.data_dir", str, "GLUE data folder holding <TASK>/*.tsv"),
     "--pretrained": ("finetune.pretrained", str, "pretraining checkpoint or consolidated dir"),
-    "--output_dir": ("train.output_dir", str, "run directory (resumed when it has checkpoints)"),
+    "--output_dir": ("train.output_dir", str, "run directory (runs/glue/<TASK>); resumes"),
     "--deepspeed_config": ("train.deepspeed_config", str, "DeepSpeed JSON overriding ours"),
     "--tokenizer": ("finetune.tokenizer", str, "sentencepiece model (default: the checkpoint's)"),
     "--routing": ("finetune.routing", str, "discrete (default) or pretrain (keep router + gate)"),

@@ -54,7 +54,7 @@ def test_structure_comes_from_the_checkpoint_and_the_rest_from_fine_tuning_defau
     pretrained = _consolidated(tmp_path, routing_mode="pretrain", vq_loss_coeff=0.3)
     cfg, saved = _load(pretrained, "train.lr=3e-4", "model.hidden_dropout=0.1")
     assert cfg.model == replace(MODEL, hidden_dropout=0.1) and saved.model == MODEL
-    assert cfg.finetune.task == "RTE"
+    assert cfg.finetune.task == "RTE" and cfg.train.output_dir == "runs/glue/RTE"
     assert cfg.train.lr == 3e-4 and cfg.train.lr_schedule == "linear"  # fine-tuning defaults
     assert cfg.train.weight_decay == 0.01 and cfg.parallel.expert_parallel == 1
     moe = cfg.moe
@@ -97,10 +97,12 @@ def test_settings_that_cannot_work_are_refused(tmp_path, overrides, moe, message
 
 
 def test_missing_paths_and_unknown_tasks_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="finetune.task is not set: pass --task"):
+        load_finetune_config(None, ["finetune.data_dir=x", "finetune.pretrained=y"])
     with pytest.raises(ConfigError, match="finetune.pretrained is not set: pass --pretrained"):
-        load_finetune_config(None, ["finetune.data_dir=x"])
+        load_finetune_config(None, ["finetune.task=rte", "finetune.data_dir=x"])
     with pytest.raises(ConfigError, match="finetune.data_dir is not set: pass --data_dir"):
-        load_finetune_config(None, [f"finetune.pretrained={tmp_path}"])
+        load_finetune_config(None, ["finetune.task=rte", f"finetune.pretrained={tmp_path}"])
     with pytest.raises(GlueDataError, match="unknown GLUE task 'mnli2'.*did you mean MNLI"):
         _load(_consolidated(tmp_path), "finetune.task=mnli2")
 

@@ -188,7 +188,7 @@ class FinetuneSettings:
     """One GLUE fine-tuning run (``finetune/glue.py``): the task, where the weights come from,
     the head, and the schedule in epochs."""
 
-    task: str = "SST-2"
+    task: Optional[str] = None
     """GLUE task name, case and '-'/'_' ignored (sst2, MNLI, sts-b, ...)."""
     data_dir: Optional[str] = None
     """GLUE data folder that holds ``<task>/`` (e.g. data/glue, with data/glue/SST-2/*.tsv)."""
@@ -220,7 +220,7 @@ class FinetuneSettings:
 
 def _finetune_train_defaults() -> TrainConfig:
     return TrainConfig(
-        output_dir="runs/glue",
+        output_dir="",
         lr=1e-4,
         lr_schedule="linear",
         weight_decay=0.01,
@@ -236,8 +236,9 @@ def _finetune_train_defaults() -> TrainConfig:
 @dataclass
 class FinetuneConfig:
     """Everything a fine-tuning run needs. ``model`` and ``moe`` start from the pretrained
-    checkpoint's config; ``train.steps`` and ``train.warmup_steps`` are derived from
-    ``finetune`` (epochs or steps, warmup fraction) when the run starts."""
+    checkpoint's config; an empty ``train.output_dir`` means ``runs/glue/<task>``;
+    ``train.steps`` and ``train.warmup_steps`` are derived from ``finetune`` (epochs or steps,
+    warmup fraction) when the run starts."""
 
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     model: ModelConfig = field(default_factory=ModelConfig)

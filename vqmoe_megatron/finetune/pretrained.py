@@ -128,14 +128,23 @@ def load_finetune_config(
     from_dict(FinetuneConfig, updates, "command line")
     given = merge(data, updates)
     settings = from_dict(FinetuneConfig, {"finetune": given.get("finetune", {})}).finetune
-    for name, flag in (("data_dir", "--data_dir"), ("pretrained", "--pretrained")):
+    for name, flag in (
+        ("task", "--task"),
+        ("data_dir", "--data_dir"),
+        ("pretrained", "--pretrained"),
+    ):
         if getattr(settings, name) is None:
             raise ConfigError(f"finetune.{name} is not set: pass {flag}")
     pretrained = read_pretrained_config(settings.pretrained)
     base = to_dict(FinetuneConfig())
     base["model"], base["moe"] = to_dict(pretrained.model), to_dict(pretrained.moe)
     cfg = from_dict(FinetuneConfig, merge(base, given), source)
-    cfg = replace(cfg, finetune=replace(cfg.finetune, task=get_task(cfg.finetune.task).name))
+    task = get_task(cfg.finetune.task).name
+    cfg = replace(
+        cfg,
+        finetune=replace(cfg.finetune, task=task),
+        train=replace(cfg.train, output_dir=cfg.train.output_dir or f"runs/glue/{task}"),
+    )
     _check_structure(cfg, pretrained, settings.pretrained)
     return _apply_finetune_settings(cfg, pretrained, settings.pretrained), pretrained
 
