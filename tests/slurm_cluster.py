@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -85,6 +86,19 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def program_env(repo: Path, **knobs: str) -> dict[str, str]:
+    """Environment for an sbatch script that runs ``repo``'s real training program: this
+    interpreter, ``repo`` importable first (whatever an editable install points at), gloo over
+    the loopback device (every node of the local cluster is this host), plus the script's knobs.
+    """
+    return {
+        "PYTHON": sys.executable,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
+        "GLOO_SOCKET_IFNAME": "lo",
+        **knobs,
+    }
 
 
 def read_marker(marker: Path) -> str | None:

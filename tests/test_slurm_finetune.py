@@ -9,16 +9,14 @@ resumes from that checkpoint and finishes with the results, the submission file 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 from cli_helpers import REPO, records
 from finetune_helpers import sentence_task, tiny_pretrained
-from slurm_cluster import CPU_NODE_ARGS, SlurmCluster, read_marker
+from slurm_cluster import CPU_NODE_ARGS, SlurmCluster, program_env, read_marker
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STEPS = 200
@@ -30,17 +28,15 @@ def test_usr1_preempts_fine_tuning_and_the_requeued_job_finishes(
     pretrained = tiny_pretrained(tmp_path_factory)
     data = sentence_task(tmp_path / "glue", train=400, dev=40)
     out, log = tmp_path / "run", tmp_path / "job.out"
-    env = {
-        "PYTHON": sys.executable,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "TASK": "sst2",
-        "DATA_DIR": str(data),
-        "PRETRAINED": str(pretrained),
-        "OUTPUT_DIR": str(out),
-        "EXTRA": f"--steps {STEPS} --micro_batch_size 4 parallel.expert_parallel=2 "
+    env = program_env(
+        REPO,
+        TASK="sst2",
+        DATA_DIR=str(data),
+        PRETRAINED=str(pretrained),
+        OUTPUT_DIR=str(out),
+        EXTRA=f"--steps {STEPS} --micro_batch_size 4 parallel.expert_parallel=2 "
         "train.log_interval=1",
-        "GLOO_SOCKET_IFNAME": "lo",
-    }
+    )
     job = slurm_cluster.submit(
         REPO / "slurm" / "finetune_glue.sh",
         env=env,

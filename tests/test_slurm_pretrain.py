@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import pytest
 import yaml
 from cli_helpers import records
 from data_helpers import tiny_shards
-from slurm_cluster import CPU_NODE_ARGS, NODES, SlurmCluster, read_marker
+from slurm_cluster import CPU_NODE_ARGS, NODES, SlurmCluster, program_env, read_marker
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -40,17 +38,13 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _submit(cluster: SlurmCluster, shards: Path, out: Path, log: Path, extra: str) -> str:
     """sbatch pretrain_large.sh on both nodes, one rank each, into ``out``; return the job id."""
-    env = {
-        "PYTHON": sys.executable,
-        # This checkout is the code under test, whatever an editable install points at.
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "CONFIG": "pretrain/configs/tiny.yaml",
-        "DATA_DIR": str(shards),
-        "OUTPUT_DIR": str(out),
-        "EXTRA": f"{extra} {COMMON}",
-        # Every node of the local cluster is this host: gloo over the loopback device.
-        "GLOO_SOCKET_IFNAME": "lo",
-    }
+    env = program_env(
+        REPO,
+        CONFIG="pretrain/configs/tiny.yaml",
+        DATA_DIR=str(shards),
+        OUTPUT_DIR=str(out),
+        EXTRA=f"{extra} {COMMON}",
+    )
     return cluster.submit(
         REPO / "slurm" / "pretrain_large.sh",
         env=env,
