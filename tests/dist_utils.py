@@ -22,11 +22,15 @@ def free_port() -> int:
 
 
 def child_env(extra: dict | None = None) -> dict:
-    """Environment for child processes: tests/ importable, one thread per process."""
+    """Environment for child processes: tests/ importable, one thread per process, no
+    torch.distributed rendezvous of this process."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
-    env.pop("RANK", None)
+    # An in-process test (init_single_process) leaves its rendezvous in os.environ; a child that
+    # inherited MASTER_PORT would try to listen on the port this process still holds.
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
     env.update(extra or {})
     return env
 

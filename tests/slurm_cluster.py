@@ -54,8 +54,12 @@ FINAL_STATES = frozenset(
 )
 # sbatch options that fit the scripts' GPU-cluster defaults to these nodes (1 CPU, no GPU).
 CPU_NODE_ARGS = ("--gpus-per-node=0", "--cpus-per-task=1")
-# Environment variables of an enclosing slurm job that would leak into the test cluster's jobs.
-_JOB_ENV = re.compile(r"^(SLURM|SBATCH|SRUN|SALLOC)_")
+# Environment variables that would leak into the test cluster's jobs: an enclosing slurm job's,
+# and the torch.distributed rendezvous an in-process test leaves in os.environ (its port is
+# still held by the pytest process).
+_JOB_ENV = re.compile(
+    r"^(SLURM|SBATCH|SRUN|SALLOC)_|^(RANK|WORLD_SIZE|LOCAL_RANK|MASTER_ADDR|MASTER_PORT)$"
+)
 _SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 
 
