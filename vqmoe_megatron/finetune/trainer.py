@@ -132,22 +132,9 @@ class GlueFinetuner(LoopControl):
         ft = cfg.finetune
         self.task = get_task(ft.task)
         self.regression = self.task.is_regression
-        files = check_task_files(ft.data_dir, self.task)
         self.tokenizer = resolve_tokenizer(ft.pretrained, pretrained_cfg, ft.tokenizer)
         max_length = ft.max_seq_length or cfg.model.seq_length
-        self.tests = {
-            name: read_split(ft.data_dir, self.task, name) for name in self.task.test_splits
-        }
-        self.splits: dict[str, EncodedSplit] = {
-            name: encode_split(read_split(ft.data_dir, self.task, name), self.tokenizer, max_length)
-            for name in ("train", *self.task.dev_splits)
-        }
-        self.splits.update(
-            {name: encode_split(s, self.tokenizer, max_length) for name, s in self.tests.items()}
-        )
-        for name in ("train", *self.task.dev_splits):
-            if len(self.splits[name]) == 0:
-                raise GlueDataError(f"{files[name]} holds no examples")
+        train_file = self._read_data(ft.data_dir, max_length)
 
         self.layout = init_distributed(
             cfg.parallel.tensor_parallel, cfg.parallel.expert_parallel, seed=cfg.train.seed
@@ -171,7 +158,7 @@ class GlueFinetuner(LoopControl):
         self.cfg = cfg = replace(cfg, train=train)
         check_batch_settings(cfg, self.dp_size)
         self.fingerprint = hashlib.sha256(
-            f"{sha256_file(files['train'])} {self.tokenizer.sha256} {max_length}".encode()
+            f"{sha256_file(train_file)} {self.tokenizer.sha256} {max_length}".encode()
         ).hexdigest()
         if resume is not None:  # refuse a foreign run before writing anything
             saved = CheckpointManager.read_state(resume)
@@ -212,6 +199,23 @@ class GlueFinetuner(LoopControl):
             self._resume(resume)
         self.best = BestModel(self.out / BEST_DIR)
         self.stop = StopRequest()
+
+    def _read_data(self, data_dir: str, max_length: int) -> Path:
+        """Read and tokenize every split of the task (``self.splits``; the test splits' GLUE
+        files also as ``self.tests``); returns the training file's path."""
+        files = check_task_files(data_dir, self.task)
+        self.tests = {name: read_split(data_dir, self.task, name) for name in self.task.test_splits}
+        labelled = {
+            name: read_split(data_dir, self.task, name) for name in ("train", *self.task.dev_splits)
+        }
+        self.splits: dict[str, EncodedSplit] = {
+            name: encode_split(split, self.tokenizer, max_length)
+            for name, split in {**labelled, **self.tests}.items()
+        }
+        for name in labelled:
+            if len(self.splits[name]) == 0:
+                raise GlueDataError(f"{files[name]} holds no examples")
+        return files["train"]
 
     def _truncated(self) -> int:
         return sum(split.truncated for split in self.splits.values())
