@@ -96,10 +96,12 @@ def validate_config(cfg: PretrainConfig) -> None:
         raise ConfigError("train.steps, train.log_interval and train.save_interval must be >= 1")
 
 
-def _all_reduce(values: list[float], device: torch.device, group=None) -> list[float]:
+def _all_reduce(
+    values: list[float], device: torch.device, group=None, op=dist.ReduceOp.SUM
+) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
-        dist.all_reduce(tensor, group=group)
+        dist.all_reduce(tensor, op=op, group=group)
     return tensor.tolist()
 
 
@@ -240,18 +242,29 @@ class Pretrainer:
         if split is None or split.samples == 0:
             return {}
         loader = self._loader("valid")
-        limit = self.cfg.train.eval_batches
+        batches = len(loader)
+        if self.cfg.train.eval_batches is not None:
+            batches = min(batches, self.cfg.train.eval_batches)
+        # Ranks may hold different numbers of valid batches, but expert- and tensor-parallel
+        # forwards are collectives: every rank runs as many forwards as the busiest one, the
+        # extra ones on all-padding batches that count no tokens.
+        (batches,) = _all_reduce([batches], self.device, op=dist.ReduceOp.MAX)
+        filler = torch.full(
+            (self.cfg.data.micro_batch_size, self.cfg.model.seq_length + 1), self.manifest.pad_id
+        )
         self.engine.eval()
         metrics.set_enabled(False)
         nll, count = 0.0, 0.0
+        stream = iter(loader)
         try:
-            for index, batch in enumerate(loader):
-                if limit is not None and index >= limit:
-                    break
-                _, batch_nll, batch_count = self.engine(batch["tokens"].to(self.device))
+            for _ in range(int(batches)):
+                batch = next(stream, None)
+                tokens = filler if batch is None else batch["tokens"]
+                _, batch_nll, batch_count = self.engine(tokens.to(self.device))
                 nll += float(batch_nll)
                 count += float(batch_count)
         finally:
+            stream.close()
             metrics.set_enabled(True)
             self.engine.train()
         nll, count = _all_reduce(
