@@ -29,17 +29,23 @@ rotten=0) and a GLUE-style ``test.tsv`` (``index<TAB>sentence``), so that
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, data_tools/ is sys.path[0], and data_tools/inspect.py would shadow the
+# standard library's inspect module: put the repository there instead (as the other tools do).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.remove(str(Path(__file__).resolve().parent))
+
 import argparse
 import bz2
 import csv
 import hashlib
 import io
 import json
-import sys
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from vqmoe_megatron.glue.submission import write_predictions
 from vqmoe_megatron.glue.tasks import GlueDataError

@@ -11,6 +11,15 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
+LAUNCH_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+"""Set in this pytest process by in-process ``init_distributed``; children must not inherit them."""
 WORKERS_DIR = TESTS_DIR / "workers"
 
 
@@ -26,7 +35,8 @@ def child_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
-    env.pop("RANK", None)
+    for name in LAUNCH_VARIABLES:
+        env.pop(name, None)
     env.update(extra or {})
     return env
 

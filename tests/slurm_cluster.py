@@ -54,7 +54,10 @@ FINAL_STATES = frozenset(
 # sbatch options that fit the scripts' GPU-cluster defaults to these nodes (1 CPU, no GPU).
 CPU_NODE_ARGS = ("--gpus-per-node=0", "--cpus-per-task=1")
 # Environment variables of an enclosing slurm job that would leak into the test cluster's jobs.
-_JOB_ENV = re.compile(r"^(SLURM|SBATCH|SRUN|SALLOC)_")
+_JOB_ENV = re.compile(
+    r"^(SLURM|SBATCH|SRUN|SALLOC)_|^(RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|MASTER_ADDR|MASTER_PORT)$"
+)
+"""Variables of an enclosing job or of in-process torch.distributed that jobs must not inherit."""
 _SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 
 

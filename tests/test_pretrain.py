@@ -157,10 +157,12 @@ def test_tiny_run_learns_and_writes_its_outputs(shards, tmp_path):
     assert "training complete" in proc.stdout
 
 
-def test_resume_after_clean_stop_is_bit_exact(shards, tmp_path):
-    pretrain(shards, tmp_path / "a", "train.steps=8")
-    pretrain(shards, tmp_path / "b", "train.steps=4")
-    proc = pretrain(shards, tmp_path / "b", "train.steps=8")
+@pytest.mark.parametrize("precision,zero", [("fp32", 2), ("bf16", 1)])
+def test_resume_after_clean_stop_is_bit_exact(shards, tmp_path, precision, zero):
+    extra = (f"train.precision={precision}", f"train.zero_stage={zero}")
+    pretrain(shards, tmp_path / "a", "train.steps=8", *extra)
+    pretrain(shards, tmp_path / "b", "train.steps=4", *extra)
+    proc = pretrain(shards, tmp_path / "b", "train.steps=8", *extra)
     assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
 
