@@ -35,7 +35,8 @@ from pathlib import Path
 # Run as a script, data_tools/ is sys.path[0], and data_tools/inspect.py would shadow the
 # standard library's inspect module: put the repository there instead (as the other tools do).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.remove(str(Path(__file__).resolve().parent))
+if str(Path(__file__).resolve().parent) in sys.path:
+    sys.path.remove(str(Path(__file__).resolve().parent))
 
 import argparse
 import bz2

@@ -41,9 +41,9 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
-def torchrun(worker: str, nproc: int, *args: str, timeout: int = 300) -> str:
-    """Run ``tests/workers/<worker>`` on ``nproc`` ranks; fail the test with the output tail."""
-    cmd = [
+def torchrun_command(nproc: int, script: Path) -> list[str]:
+    """``torchrun`` on one node with ``nproc`` ranks and a free port, running ``script``."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -55,9 +55,13 @@ def torchrun(worker: str, nproc: int, *args: str, timeout: int = 300) -> str:
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        str(WORKERS_DIR / worker),
-        *args,
+        str(script),
     ]
+
+
+def torchrun(worker: str, nproc: int, *args: str, timeout: int = 300) -> str:
+    """Run ``tests/workers/<worker>`` on ``nproc`` ranks; fail the test with the output tail."""
+    cmd = [*torchrun_command(nproc, WORKERS_DIR / worker), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 from data_helpers import tiny_shards
-from dist_utils import child_env, free_port
+from dist_utils import child_env, free_port, torchrun_command
 
 from vqmoe_megatron.training.checkpoint import find_latest
 
@@ -75,18 +75,7 @@ def _command(nproc: int, launcher: str = "torchrun") -> list[str]:
             sys.executable,
             str(SCRIPT),
         ]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(SCRIPT),
-    ]
+    return torchrun_command(nproc, SCRIPT)
 
 
 def _env() -> dict:

@@ -19,7 +19,6 @@ their gradient over TP, the step megatron's ``finalize_model_grads`` performs.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +40,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from torch import nn
 
-from vqmoe_megatron.config import ConfigError, TrainConfig
+from vqmoe_megatron.config import ConfigError, TrainConfig, merge
 from vqmoe_megatron.distributed import sequence_parallel_params
 from vqmoe_megatron.model import VQMoEGPTModel
 from vqmoe_megatron.parallel_tensors import is_expert_param
@@ -210,18 +209,8 @@ def deepspeed_config(train: TrainConfig, micro_batch_size: int) -> dict[str, Any
             user = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON ({exc})") from exc
-        config = _merge(config, user)
+        config = merge(config, user)
     return config
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
