@@ -97,12 +97,21 @@ def _staging(out: Path) -> Path:
     return staging
 
 
-def _publish(staging: Path, out: Path, record: dict) -> None:
-    """Write ``conversion.json`` and move the finished output into place (rank 0)."""
-    if _rank() == 0:
-        (staging / "conversion.json").write_text(json.dumps(record, indent=2) + "\n", "utf-8")
-        staging.rename(out)
-    _barrier()
+def _write_output(out: Path, write: Callable[[Path], dict]) -> dict:
+    """Run ``write(staging)`` (collective) and move the finished output to ``out`` with its
+    ``conversion.json``; on any failure the staging directory is removed."""
+    staging = _staging(out)
+    try:
+        record = write(staging)
+        if _rank() == 0:
+            (staging / "conversion.json").write_text(json.dumps(record, indent=2) + "\n", "utf-8")
+            staging.rename(out)
+        _barrier()
+    except BaseException:
+        if _rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return record
 
 
 def _tolerance(args: argparse.Namespace) -> float:
@@ -128,11 +137,12 @@ def run_consolidated(args: argparse.Namespace) -> dict:
     source = open_source(args.checkpoint, args.tokenizer)
     cfg = with_layout(source.cfg, args.tensor_parallel, args.expert_parallel)
     gpt = load_model(source, cfg)
-    staging = _staging(args.output)
     tokenizer = source.tokenizer.path if source.tokenizer is not None else None
-    try:
+    probes = probe_tokens(source)
+
+    def write(staging: Path) -> dict:
         write_consolidated(gpt, source.cfg, staging, tokenizer)
-        diff, probes = None, probe_tokens(source)
+        diff = None
         if not args.no_verify:
             reloaded = load_model(source, cfg, weights=staging)
             diff = compare_logits(
@@ -141,7 +151,7 @@ def run_consolidated(args: argparse.Namespace) -> dict:
                 _tolerance(args),
                 f"consolidated {args.output}",
             )
-        record = {
+        return {
             "kind": "consolidated",
             "source": source.description,
             "layout": {
@@ -151,12 +161,8 @@ def run_consolidated(args: argparse.Namespace) -> dict:
             "tokenizer": str(tokenizer) if tokenizer else None,
             "verified": _verified(diff, probes),
         }
-        _publish(staging, args.output, record)
-    except BaseException:
-        if _rank() == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return record
+
+    return _write_output(args.output, write)
 
 
 def run_hf(args: argparse.Namespace) -> dict:
@@ -177,27 +183,25 @@ def run_hf(args: argparse.Namespace) -> dict:
     cfg = with_layout(source.cfg, 1, 1, routing)
     gpt = load_model(source, cfg)
     tensors = {**gather_full_tensors(gpt), **persistent_buffers(gpt)}
-    staging = _staging(args.output)
-    try:
+    probes = probe_tokens(source)
+
+    def write(staging: Path) -> dict:
         write_hf(tensors, cfg, source.tokenizer, routing, staging)
-        diff, probes = None, probe_tokens(source)
+        diff = None
         if not args.no_verify:
             with torch.no_grad():
                 logits = load_hf(staging)(probes, use_cache=False).logits
             diff = compare_logits(
                 project_logits(gpt, probes), logits, _tolerance(args), f"hf {args.output}"
             )
-        record = {
+        return {
             "kind": "hf",
             "source": source.description,
             "routing": routing,
             "verified": _verified(diff, probes),
         }
-        _publish(staging, args.output, record)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return record
+
+    return _write_output(args.output, write)
 
 
 def _write_run(step_dir: Path, cfg, staging: Path, output: Path) -> None:
@@ -232,16 +236,13 @@ def run_reshard(args: argparse.Namespace) -> dict:
         )
     source = open_source(args.checkpoint, args.tokenizer)
     step_dir = resolve_checkpoint(args.checkpoint)
+    seed = source.cfg.train.seed
     probes = probe_tokens(source)
     reference = None
     if not args.no_verify:
-        init_distributed(1, 1, seed=source.cfg.train.seed)
-        single = load_model(source, with_layout(source.cfg, 1, 1))
-        reference = project_logits(single, probes)
-        del single
-    layout = init_distributed(
-        args.tensor_parallel, args.expert_parallel, seed=source.cfg.train.seed
-    )
+        init_distributed(1, 1, seed=seed)
+        reference = project_logits(load_model(source, with_layout(source.cfg, 1, 1)), probes)
+    layout = init_distributed(args.tensor_parallel, args.expert_parallel, seed=seed)
     cfg = with_layout(source.cfg, args.tensor_parallel, args.expert_parallel)
     gpt = load_model(source, cfg)
     missing = missing_optimizer_state(gpt, step_dir)
@@ -268,17 +269,15 @@ def run_reshard(args: argparse.Namespace) -> dict:
         },
         "verified": _verified(diff, probes),
     }
-    if args.output is not None:
-        staging = _staging(args.output)
-        try:
-            if _rank() == 0:
-                _write_run(step_dir, cfg, staging, args.output)
-            _publish(staging, args.output, record)
-        except BaseException:
-            if _rank() == 0:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return record
+    if args.output is None:
+        return record
+
+    def write(staging: Path) -> dict:
+        if _rank() == 0:
+            _write_run(step_dir, cfg, staging, args.output)
+        return record
+
+    return _write_output(args.output, write)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
@@ -298,6 +297,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from vqmoe_megatron.distributed import destroy_distributed
     from vqmoe_megatron.training.checkpoint import CheckpointError
 
+    output = getattr(args, "output", None)
+    if output is not None and output.exists():
+        return fail(f"{output} already exists; remove it or choose another output")
     try:
         record = COMMANDS[args.command](args)
         rank = _rank()
@@ -313,8 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if verified
             else "not verified (--no-verify)"
         )
-        where = getattr(args, "output", None)
-        print(f"{args.command}: {record['source']} -> {where or 'checked only'}; {check}")
+        print(f"{args.command}: {record['source']} -> {output or 'checked only'}; {check}")
     return 0
 
 

@@ -103,76 +103,35 @@ def _fc1(weight: torch.Tensor, cfg: PretrainConfig) -> dict[str, torch.Tensor]:
     return {"gate_proj.weight": gate, "up_proj.weight": up}
 
 
-def _renamed(name: str) -> Callable[[torch.Tensor, PretrainConfig], dict[str, torch.Tensor]]:
-    return lambda tensor, cfg: {name: tensor}
-
-
-_LAYER = r"decoder\.layers\.(?P<layer>\d+)\."
-_RULES: list[tuple[re.Pattern, str, Callable]] = [
-    (re.compile(r"embedding\.word_embeddings\.weight$"), "model.embed_tokens.", _renamed("weight")),
-    (
-        re.compile(r"embedding\.position_embeddings\.weight$"),
-        "model.embed_positions.",
-        _renamed("weight"),
-    ),
-    (re.compile(r"decoder\.final_layernorm\.(?P<p>weight|bias)$"), "model.norm.", None),
-    (re.compile(r"output_layer\.weight$"), "lm_head.", _renamed("weight")),
-    (
-        re.compile(_LAYER + r"input_layernorm\.(?P<p>weight|bias)$"),
-        "model.layers.{layer}.input_layernorm.",
-        None,
-    ),
-    (
-        re.compile(_LAYER + r"pre_mlp_layernorm\.(?P<p>weight|bias)$"),
-        "model.layers.{layer}.post_attention_layernorm.",
-        None,
-    ),
-    (
-        re.compile(_LAYER + r"self_attention\.linear_qkv\.weight$"),
-        "model.layers.{layer}.self_attn.",
-        _split_qkv,
-    ),
-    (
-        re.compile(_LAYER + r"self_attention\.linear_proj\.weight$"),
-        "model.layers.{layer}.self_attn.",
-        _renamed("o_proj.weight"),
-    ),
-    (re.compile(_LAYER + r"mlp\.linear_fc1\.weight$"), "model.layers.{layer}.mlp.", _fc1),
-    (
-        re.compile(_LAYER + r"mlp\.linear_fc2\.weight$"),
-        "model.layers.{layer}.mlp.",
-        _renamed("down_proj.weight"),
-    ),
-    (
-        re.compile(_LAYER + r"mlp\.experts\.local_experts\.(?P<e>\d+)\.linear_fc1\.weight$"),
-        "model.layers.{layer}.mlp.experts.{e}.",
-        _fc1,
-    ),
-    (
-        re.compile(_LAYER + r"mlp\.experts\.local_experts\.(?P<e>\d+)\.linear_fc2\.weight$"),
-        "model.layers.{layer}.mlp.experts.{e}.",
-        _renamed("down_proj.weight"),
-    ),
-    (
-        re.compile(_LAYER + r"mlp\.router\.quantizer\.codebook$"),
-        "model.layers.{layer}.mlp.",
-        _renamed("codebook"),
-    ),
-    (
-        re.compile(_LAYER + r"mlp\.router\.continuous\.weight$"),
-        "model.layers.{layer}.mlp.router.",
-        _renamed("weight"),
-    ),
-    (
-        re.compile(_LAYER + r"mlp\.router\.gate\.linear\.(?P<p>weight|bias)$"),
-        "model.layers.{layer}.mlp.gate.",
-        None,
-    ),
-    (
-        re.compile(_LAYER + r"mlp\.router\.(?P<n>discrete_norm_(?:in|out))\.(?P<p>weight|bias)$"),
-        "model.layers.{layer}.mlp.{n}.",
-        None,
-    ),
+_L = r"decoder\.layers\.(?P<layer>\d+)\."
+_E = _L + r"mlp\.experts\.local_experts\.(?P<e>\d+)\."
+_WB = r"(?P<p>weight|bias)$"
+_RENAMES = {
+    r"embedding\.word_embeddings\.weight$": "model.embed_tokens.weight",
+    r"embedding\.position_embeddings\.weight$": "model.embed_positions.weight",
+    r"decoder\.final_layernorm\." + _WB: "model.norm.{p}",
+    r"output_layer\.weight$": "lm_head.weight",
+    _L + r"input_layernorm\." + _WB: "model.layers.{layer}.input_layernorm.{p}",
+    _L + r"pre_mlp_layernorm\." + _WB: "model.layers.{layer}.post_attention_layernorm.{p}",
+    _L + r"self_attention\.linear_proj\.weight$": "model.layers.{layer}.self_attn.o_proj.weight",
+    _L + r"mlp\.linear_fc2\.weight$": "model.layers.{layer}.mlp.down_proj.weight",
+    _E + r"linear_fc2\.weight$": "model.layers.{layer}.mlp.experts.{e}.down_proj.weight",
+    _L + r"mlp\.router\.quantizer\.codebook$": "model.layers.{layer}.mlp.codebook",
+    _L + r"mlp\.router\.continuous\.weight$": "model.layers.{layer}.mlp.router.weight",
+    _L + r"mlp\.router\.gate\.linear\." + _WB: "model.layers.{layer}.mlp.gate.{p}",
+    _L
+    + r"mlp\.router\.(?P<n>discrete_norm_(?:in|out))\."
+    + _WB: "model.layers.{layer}.mlp.{n}.{p}",
+}
+"""One project tensor -> one HF tensor (``{field}``: named groups of the pattern)."""
+_SPLITS: dict[str, tuple[str, Callable[[torch.Tensor, PretrainConfig], dict]]] = {
+    _L + r"self_attention\.linear_qkv\.weight$": ("model.layers.{layer}.self_attn.", _split_qkv),
+    _L + r"mlp\.linear_fc1\.weight$": ("model.layers.{layer}.mlp.", _fc1),
+    _E + r"linear_fc1\.weight$": ("model.layers.{layer}.mlp.experts.{e}.", _fc1),
+}
+"""One project tensor -> several HF tensors under a prefix."""
+_RULES = [(re.compile(pattern), target, None) for pattern, target in _RENAMES.items()] + [
+    (re.compile(pattern), prefix, split) for pattern, (prefix, split) in _SPLITS.items()
 ]
 
 
@@ -192,9 +151,8 @@ def hf_state_dict(
             match = pattern.search(key)
             if match is None:
                 continue
-            fields = match.groupdict()
-            target = prefix.format(**fields)
-            pieces = {fields["p"]: tensor} if convert is None else convert(tensor, cfg)
+            target = prefix.format(**match.groupdict())
+            pieces = {"": tensor} if convert is None else convert(tensor, cfg)
             for name, value in pieces.items():
                 out[target + name] = value.float().contiguous().clone()
             break
@@ -238,9 +196,7 @@ def write_hf(
         suppress_tokens=[tokenizer.pad_id, *range(tokenizer.vocab_size, config.vocab_size)],
     )
     model.save_pretrained(out_dir)
-    VQMoETokenizer(str(tokenizer.path), model_max_length=cfg.model.seq_length).save_pretrained(
-        out_dir
-    )
+    VQMoETokenizer(str(tokenizer.path)).save_pretrained(out_dir)
 
 
 def load_hf(path: Path) -> torch.nn.Module:

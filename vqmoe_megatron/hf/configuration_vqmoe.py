@@ -48,6 +48,7 @@ class VQMoEConfig(PretrainedConfig):
         contrib_rate: float = 0.05,
         discrete_layernorm: bool = False,
         tie_word_embeddings: bool = True,
+        use_cache: bool = True,
         **kwargs,
     ) -> None:
         if routing_mode not in ("pretrain", "discrete"):
@@ -79,6 +80,7 @@ class VQMoEConfig(PretrainedConfig):
         self.expert_input = expert_input
         self.contrib_rate = contrib_rate
         self.discrete_layernorm = discrete_layernorm
+        self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def is_moe_layer(self, index: int) -> bool:

@@ -214,18 +214,18 @@ def load_model_weights(gpt: torch.nn.Module, step_dir: Path, cfg: PretrainConfig
 
 def missing_optimizer_state(gpt: torch.nn.Module, step_dir: Path) -> list[str]:
     """Adam moments a resume of ``gpt`` (any layout) needs that checkpoint ``step_dir`` lacks."""
-    _, owners = _sharded_state(gpt, None, for_load=True)
+    template, owners = _sharded_state(gpt, None, for_load=True)
     try:
         stored = set(dist_checkpointing.load_tensors_metadata(str(Path(step_dir) / "dist")))
     except Exception as exc:  # noqa: BLE001 - any reader failure means an unusable checkpoint
         raise CheckpointError(f"cannot read the tensor index of {step_dir}: {exc}") from exc
-    wanted = [
-        f"optimizer.{name}.{key}"
+    wanted = {
+        f"optimizer.{name}.{template[key].key}"
         for key, param in owners.items()
         if param.requires_grad
         for name in ADAM_KEYS
-    ]
-    return [key for key in wanted if key not in stored]
+    }
+    return sorted(wanted - stored)
 
 
 def _sharded_state(
