@@ -26,7 +26,10 @@ def child_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
-    env.pop("RANK", None)
+    # A test process that initialised torch.distributed itself carries its rendezvous variables
+    # (and listens on MASTER_PORT): children must pick their own.
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
     env.update(extra or {})
     return env
 
