@@ -12,7 +12,7 @@ from typing import Optional
 import pytest
 import torch
 from data_helpers import FIXTURE, tiny_shards
-from dist_utils import child_env, free_port
+from dist_utils import child_env, torchrun_command
 from moe_helpers import init_single_process
 from pretrain_helpers import REPO, trained_run
 
@@ -40,18 +40,7 @@ def run_of(factory: pytest.TempPathFactory, name: str) -> Path:
 
 def cli(module: str, *args: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` (under torchrun for ``nproc`` > 1), offline."""
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += [
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-        ]
+    launcher = torchrun_command(nproc) if nproc > 1 else [sys.executable]
     proc = subprocess.run(
         [*launcher, "-m", module, *map(str, args)],
         capture_output=True,

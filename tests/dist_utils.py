@@ -34,9 +34,10 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
-def torchrun(worker: str, nproc: int, *args: str, timeout: int = 300) -> str:
-    """Run ``tests/workers/<worker>`` on ``nproc`` ranks; fail the test with the output tail."""
-    cmd = [
+def torchrun_command(nproc: int) -> list[str]:
+    """``python -m torch.distributed.run`` for ``nproc`` local ranks on a free port (append the
+    script, or ``-m module``, and its arguments)."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -48,9 +49,12 @@ def torchrun(worker: str, nproc: int, *args: str, timeout: int = 300) -> str:
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        str(WORKERS_DIR / worker),
-        *args,
     ]
+
+
+def torchrun(worker: str, nproc: int, *args: str, timeout: int = 300) -> str:
+    """Run ``tests/workers/<worker>`` on ``nproc`` ranks; fail the test with the output tail."""
+    cmd = [*torchrun_command(nproc), str(WORKERS_DIR / worker), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:

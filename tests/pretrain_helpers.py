@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from dist_utils import child_env, free_port
+from dist_utils import child_env, free_port, torchrun_command
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "pretrain" / "pretrain_vqmoe.py"
@@ -58,18 +58,7 @@ def command(nproc: int, launcher: str = "torchrun") -> list[str]:
             sys.executable,
             str(SCRIPT),
         ]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(SCRIPT),
-    ]
+    return [*torchrun_command(nproc), str(SCRIPT)]
 
 
 def env() -> dict:
