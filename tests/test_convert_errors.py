@@ -13,6 +13,7 @@ from convert_helpers import assert_one_error_line, convert, other_tokenizer, run
 
 from vqmoe_megatron.config import PretrainConfig
 from vqmoe_megatron.convert.hf import check_exportable
+from vqmoe_megatron.convert.source import with_layout
 from vqmoe_megatron.training.checkpoint import CheckpointError, find_latest
 
 pytestmark = pytest.mark.slow
@@ -107,3 +108,12 @@ def test_hf_export_refuses_models_it_does_not_implement(moe, message):
     cfg = replace(cfg, moe=replace(cfg.moe, **moe))
     with pytest.raises(CheckpointError, match=message):
         check_exportable(cfg)
+
+
+def test_layouts_that_do_not_divide_the_model_are_refused():
+    cfg = PretrainConfig()  # 8 heads, 16 experts
+    with pytest.raises(CheckpointError, match="attention heads 8 by 3, query groups 8 by 3"):
+        with_layout(cfg, 3, 1)
+    with pytest.raises(CheckpointError, match="experts 16 by 3"):
+        with_layout(cfg, 1, 3)
+    assert with_layout(cfg, 2, 4, "discrete").moe.routing_mode == "discrete"

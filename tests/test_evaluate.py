@@ -35,9 +35,9 @@ def test_rolling_windows_equal_lm_eval(count):
 
 def test_window_batches_mask_only_the_scored_targets():
     windows = [([2, 10, 11, 12], 3), ([11, 12, 13], 1)]
-    (batch,) = window_batches(windows, batch_size=4, pad_id=3)
-    assert batch["tokens"].tolist() == [[2, 10, 11, 12], [11, 12, 13, 3]]
-    assert batch["loss_mask"].tolist() == [[1, 1, 1], [0, 1, 0]]
+    (batch,) = window_batches(windows, batch_size=4, pad_id=3, length=4)
+    assert batch["tokens"].tolist() == [[2, 10, 11, 12, 3], [11, 12, 13, 3, 3]]
+    assert batch["loss_mask"].tolist() == [[1, 1, 1, 0], [0, 1, 0, 0]]
 
 
 def _evaluate(tmp_path, name, *args, nproc=1):

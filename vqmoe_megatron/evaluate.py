@@ -61,12 +61,13 @@ def rolling_windows(tokens: list[int], prefix: int, length: int) -> list[tuple[l
 
 
 def window_batches(
-    windows: list[tuple[list[int], int]], batch_size: int, pad_id: int
+    windows: list[tuple[list[int], int]], batch_size: int, pad_id: int, length: int
 ) -> Iterator[dict]:
-    """Batches ``{"tokens": [B, L+1], "loss_mask": [B, L]}``, right-padded with ``pad_id``."""
+    """Batches ``{"tokens": [B, length + 1], "loss_mask": [B, length]}``, right-padded with
+    ``pad_id`` (a fixed length, as in training: sequence parallelism splits it over TP)."""
+    width = length + 1
     for first in range(0, len(windows), batch_size):
         chunk = windows[first : first + batch_size]
-        width = max(len(window) for window, _ in chunk)
         tokens = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width - 1), dtype=torch.long)
         for row, (window, scored) in enumerate(chunk):
@@ -136,8 +137,10 @@ def _text_batches(args: argparse.Namespace, source, dp_rank: int, dp_size: int):
         windows += rolling_windows(
             tokenizer.encode(text), tokenizer.eos_id, source.cfg.model.seq_length
         )
-    mine = windows[dp_rank::dp_size]
-    return window_batches(mine, args.batch_size, tokenizer.pad_id), tokenizer.pad_id, num_bytes
+    batches = window_batches(
+        windows[dp_rank::dp_size], args.batch_size, tokenizer.pad_id, source.cfg.model.seq_length
+    )
+    return batches, tokenizer.pad_id, num_bytes
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -155,10 +158,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         sum_nll,
     )
 
-    layout = init_distributed(args.tensor_parallel, args.expert_parallel)
     source = open_source(args.checkpoint, args.tokenizer, require_tokenizer=args.text is not None)
     routing = args.routing or source.cfg.moe.routing_mode
     cfg = with_layout(source.cfg, args.tensor_parallel, args.expert_parallel, routing)
+    layout = init_distributed(args.tensor_parallel, args.expert_parallel)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     if args.text is not None:

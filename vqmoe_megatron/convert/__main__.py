@@ -133,9 +133,9 @@ def run_consolidated(args: argparse.Namespace) -> dict:
     from vqmoe_megatron.convert.verify import compare_logits, project_logits
     from vqmoe_megatron.distributed import init_distributed
 
-    init_distributed(args.tensor_parallel, args.expert_parallel)
     source = open_source(args.checkpoint, args.tokenizer)
     cfg = with_layout(source.cfg, args.tensor_parallel, args.expert_parallel)
+    init_distributed(args.tensor_parallel, args.expert_parallel)
     gpt = load_model(source, cfg)
     tokenizer = source.tokenizer.path if source.tokenizer is not None else None
     probes = probe_tokens(source)
@@ -236,6 +236,7 @@ def run_reshard(args: argparse.Namespace) -> dict:
         )
     source = open_source(args.checkpoint, args.tokenizer)
     step_dir = resolve_checkpoint(args.checkpoint)
+    cfg = with_layout(source.cfg, args.tensor_parallel, args.expert_parallel)
     seed = source.cfg.train.seed
     probes = probe_tokens(source)
     reference = None
@@ -243,7 +244,6 @@ def run_reshard(args: argparse.Namespace) -> dict:
         init_distributed(1, 1, seed=seed)
         reference = project_logits(load_model(source, with_layout(source.cfg, 1, 1)), probes)
     layout = init_distributed(args.tensor_parallel, args.expert_parallel, seed=seed)
-    cfg = with_layout(source.cfg, args.tensor_parallel, args.expert_parallel)
     gpt = load_model(source, cfg)
     missing = missing_optimizer_state(gpt, step_dir)
     if missing:

@@ -89,7 +89,20 @@ def open_source(
 def with_layout(
     cfg: PretrainConfig, tensor_parallel: int, expert_parallel: int, routing: Optional[str] = None
 ) -> PretrainConfig:
-    """``cfg`` at another parallel layout (and routing mode), for building the model."""
+    """``cfg`` at another parallel layout (and routing mode), for building the model; refuses
+    a layout that does not divide the model."""
+    model, moe = cfg.model, cfg.moe
+    splits = {
+        "attention heads": (model.num_attention_heads, tensor_parallel),
+        "query groups": (model.num_query_groups or model.num_attention_heads, tensor_parallel),
+        "experts": (moe.num_experts or expert_parallel, expert_parallel),
+    }
+    problems = [f"{n} {total} by {parts}" for n, (total, parts) in splits.items() if total % parts]
+    if problems:
+        raise CheckpointError(
+            f"TP={tensor_parallel} EP={expert_parallel} cannot split this model: "
+            + ", ".join(problems)
+        )
     moe = cfg.moe if routing is None else replace(cfg.moe, routing_mode=routing)
     parallel = ParallelConfig(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel)
     return replace(cfg, moe=moe, parallel=parallel)
