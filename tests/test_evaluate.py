@@ -1,6 +1,7 @@
 """vqmoe-evaluate: the rolling text windows equal lm-evaluation-harness' own, held-out shards and
 text files give consistent loss / perplexity / bits per byte with routing statistics in both
-routing modes, and expert-parallel evaluation (uneven data-parallel split) equals one process."""
+routing modes, and evaluation at EP = 2 (uneven data-parallel split) or TP = 2 equals one
+process."""
 
 from __future__ import annotations
 
@@ -75,12 +76,13 @@ def test_evaluate_shards_and_text(tmp_path_factory, tmp_path, routing):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_expert_parallel_evaluation_equals_one_process(tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("layout", [("--expert-parallel", "2"), ("--tensor-parallel", "2")])
+def test_parallel_evaluation_equals_one_process(tmp_path_factory, tmp_path, layout):
     run = run_of(tmp_path_factory, "ep2_zero2")
     args = ("--checkpoint", run, "--text", *TEXTS, "--batch-size", "7")
     single, _ = _evaluate(tmp_path, "one", *args)
-    double, _ = _evaluate(tmp_path, "two", *args, "--expert-parallel", "2", nproc=2)
-    assert "EP 2" in double["layout"]
+    double, _ = _evaluate(tmp_path, "two", *args, *layout, nproc=2)
+    assert ("EP 2" if "--expert-parallel" in layout else "TP 2") in double["layout"]
     assert double["tokens"] == single["tokens"]
     assert double["loss"] == pytest.approx(single["loss"], rel=1e-6)
     assert double["layers"]["1"]["tokens"] == single["layers"]["1"]["tokens"]

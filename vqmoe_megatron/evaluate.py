@@ -169,7 +169,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     else:
         batches, pad_id, bytes_per_token = _shard_batches(args, cfg, dp_rank, dp_size)
     gpt = load_model(source, cfg)
-    device = torch.device("cpu")
+    device = next(gpt.parameters()).device
     metrics.reset()
     metrics.set_enabled(True)
     nll, count = sum_nll(

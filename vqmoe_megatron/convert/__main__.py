@@ -182,7 +182,8 @@ def run_hf(args: argparse.Namespace) -> dict:
     routing = args.routing or source.cfg.moe.routing_mode
     cfg = with_layout(source.cfg, 1, 1, routing)
     gpt = load_model(source, cfg)
-    tensors = {**gather_full_tensors(gpt), **persistent_buffers(gpt)}
+    buffers = {name: value.cpu() for name, value in persistent_buffers(gpt).items()}
+    tensors = {**gather_full_tensors(gpt), **buffers}
     probes = probe_tokens(source)
 
     def write(staging: Path) -> dict:

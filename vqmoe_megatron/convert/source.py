@@ -105,12 +105,16 @@ def with_layout(
         )
     moe = cfg.moe if routing is None else replace(cfg.moe, routing_mode=routing)
     parallel = ParallelConfig(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel)
-    return replace(cfg, moe=moe, parallel=parallel)
+    # The portable layer spec on every device: the same tensor names everywhere (TE's grouped
+    # expert weights are named differently) and nothing that needs CUDA.
+    model = replace(cfg.model, use_transformer_engine="never")
+    return replace(cfg, model=model, moe=moe, parallel=parallel)
 
 
 def load_model(source: Source, cfg: PretrainConfig, weights: Optional[Path] = None):
     """Build ``cfg``'s model at the current megatron layout and load ``weights`` (default: the
-    source) into it; eval mode. Collective; a structural mismatch is a CheckpointError."""
+    source) into it; eval mode, on the GPU when there is one. Collective; a structural mismatch
+    is a CheckpointError."""
     gpt: VQMoEGPTModel = build_model(cfg.model, cfg.moe, cfg.parallel, seed=cfg.train.seed)
     try:
         load_pretrained(gpt, weights or source.path, cfg)
@@ -118,8 +122,9 @@ def load_model(source: Source, cfg: PretrainConfig, weights: Optional[Path] = No
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"cannot load {weights or source.path}: {exc}") from exc
-    gpt.eval()
-    return gpt
+    if torch.cuda.is_available():
+        gpt.cuda()
+    return gpt.eval()
 
 
 def probe_tokens(source: Source, count: int = 4, seed: int = 0) -> torch.LongTensor:

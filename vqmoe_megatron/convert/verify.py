@@ -21,11 +21,12 @@ class VerificationError(RuntimeError):
 
 @torch.no_grad()
 def project_logits(gpt: torch.nn.Module, tokens: torch.LongTensor) -> torch.Tensor:
-    """Full-vocabulary fp32 logits [B, S, V] of a project model at any layout (collective: every
-    rank passes the same tokens and gets the same logits)."""
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    """Full-vocabulary fp32 logits [B, S, V] (on the CPU) of a project model at any layout
+    (collective: every rank passes the same tokens and gets the same logits)."""
+    tokens = tokens.to(next(gpt.parameters()).device)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     logits = gpt(tokens, positions, None)
-    return gather_from_tensor_model_parallel_region(logits.contiguous()).float()
+    return gather_from_tensor_model_parallel_region(logits.contiguous()).float().cpu()
 
 
 def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, tolerance: float, what: str):
