@@ -41,8 +41,9 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
-def torchrun_command(nproc: int, script: Path) -> list[str]:
-    """``torchrun`` on one node with ``nproc`` ranks and a free port, running ``script``."""
+def torchrun_command(nproc: int) -> list[str]:
+    """``python -m torch.distributed.run`` for ``nproc`` local ranks on a free port (append the
+    script, or ``-m module``, and its arguments)."""
     return [
         sys.executable,
         "-m",
@@ -55,13 +56,12 @@ def torchrun_command(nproc: int, script: Path) -> list[str]:
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        str(script),
     ]
 
 
 def torchrun(worker: str, nproc: int, *args: str, timeout: int = 300) -> str:
     """Run ``tests/workers/<worker>`` on ``nproc`` ranks; fail the test with the output tail."""
-    cmd = [*torchrun_command(nproc, WORKERS_DIR / worker), *args]
+    cmd = [*torchrun_command(nproc), str(WORKERS_DIR / worker), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:

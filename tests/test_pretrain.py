@@ -9,7 +9,6 @@ DeepSpeed and MPI launchers; --dry-run of the large config; bad data settings.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -22,13 +21,19 @@ from pathlib import Path
 import psutil
 import pytest
 from data_helpers import tiny_shards
-from dist_utils import child_env, free_port, torchrun_command
+from pretrain_helpers import (
+    CONFIG,
+    REPO,
+    SCRIPT,
+    command,
+    env,
+    losses,
+    overrides,
+    pretrain,
+    records,
+)
 
 from vqmoe_megatron.training.checkpoint import find_latest
-
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "pretrain" / "pretrain_vqmoe.py"
-CONFIG = REPO / "pretrain" / "configs" / "tiny.yaml"
 
 pytestmark = pytest.mark.slow
 
@@ -36,83 +41,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return tiny_shards(tmp_path_factory, "pretrain", shard_size_mb=0.05)
-
-
-def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        f"data.data_dir={shards}",
-        f"train.output_dir={out}",
-        "train.tensorboard=false",
-        "train.eval_interval=0",
-        "train.log_interval=1",
-        "train.save_interval=1000",
-        *extra,
-    ]
-
-
-def _command(nproc: int, launcher: str = "torchrun") -> list[str]:
-    if nproc == 1 and launcher == "python":
-        return [sys.executable, str(SCRIPT)]
-    if launcher == "deepspeed":
-        return [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            str(nproc),
-            "--master_port",
-            str(free_port()),
-            str(SCRIPT),
-        ]
-    if launcher == "mpirun":
-        return [
-            shutil.which("mpirun") or "mpirun",
-            "-np",
-            str(nproc),
-            "--oversubscribe",
-            "-x",
-            "PYTHONPATH",
-            sys.executable,
-            str(SCRIPT),
-        ]
-    return torchrun_command(nproc, SCRIPT)
-
-
-def _env() -> dict:
-    return child_env(
-        {
-            "OMPI_ALLOW_RUN_AS_ROOT": "1",
-            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-            "OMPI_MCA_btl": "self,tcp",
-        }
-    )
-
-
-def pretrain(
-    shards: Path,
-    out: Path,
-    *extra: str,
-    nproc: int = 1,
-    launcher: str = "python",
-    check: bool = True,
-):
-    """Run the CLI to completion; returns the CompletedProcess."""
-    cmd = [*_command(nproc, launcher), "--config", str(CONFIG), *_overrides(shards, out, *extra)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
-    if check and proc.returncode != 0:
-        pytest.fail(
-            f"pretraining failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-5000:]}"
-        )
-    return proc
-
-
-def records(out: Path, kind: str = "train") -> list[dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def losses(out: Path) -> dict[int, tuple[float, float]]:
-    return {r["step"]: (r["loss"], r["grad_norm"]) for r in records(out)}
 
 
 def test_tiny_run_learns_and_writes_its_outputs(shards, tmp_path):
@@ -175,9 +103,9 @@ def test_sigterm_mid_run_checkpoints_and_rerun_continues_exactly(shards, tmp_pat
     reference = tmp_path / "reference"
     pretrain(shards, reference, *extra, nproc=2, launcher="torchrun")
     out = tmp_path / "killed"
-    cmd = [*_command(2), "--config", str(CONFIG), *_overrides(shards, out, *extra)]
+    cmd = [*command(2), "--config", str(CONFIG), *overrides(shards, out, *extra)]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=REPO
     )
     try:
         _wait_for_step(out, 3, proc)
@@ -319,7 +247,7 @@ def test_dry_run_of_the_large_config_counts_about_a_billion_parameters():
         capture_output=True,
         text=True,
         timeout=120,
-        env=_env(),
+        env=env(),
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr

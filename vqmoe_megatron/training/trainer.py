@@ -43,6 +43,7 @@ from vqmoe_megatron.training.checkpoint import (
 )
 from vqmoe_megatron.training.codebook import initialize_codebooks
 from vqmoe_megatron.training.engine import LanguageModel, initialize_engine, write_codebook_rows
+from vqmoe_megatron.training.evaluation import all_reduce_sum, filler_batch, lm_metrics, sum_nll
 from vqmoe_megatron.training.flops import device_peak_tflops, flops_per_token
 from vqmoe_megatron.training.run_logger import RunLogger, progress_line
 
@@ -94,15 +95,6 @@ def validate_config(cfg: PretrainConfig) -> None:
         )
     if train.steps < 1 or train.log_interval < 1 or train.save_interval < 1:
         raise ConfigError("train.steps, train.log_interval and train.save_interval must be >= 1")
-
-
-def _all_reduce(
-    values: list[float], device: torch.device, group=None, op=dist.ReduceOp.SUM
-) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=op, group=group)
-    return tensor.tolist()
 
 
 class Pretrainer:
@@ -220,7 +212,7 @@ class Pretrainer:
             count_total += float(count)
         skipped = self.engine.skipped_steps > skipped_before
         nonfinite = skipped or not math.isfinite(nll_total)
-        (flag,) = _all_reduce([1.0 if nonfinite else 0.0], self.device)
+        (flag,) = all_reduce_sum([1.0 if nonfinite else 0.0], self.device)
         return nll_total, count_total, flag > 0
 
     def _maintain_codebooks(self, step: int, applied: bool) -> None:
@@ -241,43 +233,20 @@ class Pretrainer:
         split = self.manifest.splits.get("valid")
         if split is None or split.samples == 0:
             return {}
-        loader = self._loader("valid")
-        batches = len(loader)
-        if self.cfg.train.eval_batches is not None:
-            batches = min(batches, self.cfg.train.eval_batches)
-        # Ranks may hold different numbers of valid batches, but expert- and tensor-parallel
-        # forwards are collectives: every rank runs as many forwards as the busiest one, the
-        # extra ones on all-padding batches that count no tokens.
-        (batches,) = _all_reduce([batches], self.device, op=dist.ReduceOp.MAX)
-        filler = torch.full(
-            (self.cfg.data.micro_batch_size, self.cfg.model.seq_length + 1), self.manifest.pad_id
-        )
+        filler = filler_batch(self.manifest.pad_id, self.cfg.model.seq_length)
         self.engine.eval()
         metrics.set_enabled(False)
-        nll, count = 0.0, 0.0
-        stream = iter(loader)
         try:
-            for _ in range(int(batches)):
-                batch = next(stream, None)
-                tokens = filler if batch is None else batch["tokens"]
-                _, batch_nll, batch_count = self.engine(tokens.to(self.device))
-                nll += float(batch_nll)
-                count += float(batch_count)
+            nll, count = sum_nll(
+                self.engine, self._loader("valid"), self.device, filler, self.cfg.train.eval_batches
+            )
         finally:
-            stream.close()
             metrics.set_enabled(True)
             self.engine.train()
-        nll, count = _all_reduce(
+        nll, count = all_reduce_sum(
             [nll, count], self.device, parallel_state.get_data_parallel_group()
         )
-        loss = nll / max(count, 1.0)
-        bytes_per_token = split.bytes / max(split.tokens, 1)
-        return {
-            "loss": loss,
-            "ppl": math.exp(min(loss, 50.0)),
-            "bpb": nll / math.log(2) / max(count * bytes_per_token, 1.0),
-            "tokens": count,
-        }
+        return lm_metrics(nll, count, count * split.bytes / max(split.tokens, 1))
 
     # ------------------------------------------------------------------ logging
     def _routing_summary(self, steps: int) -> dict[str, float]:
@@ -302,7 +271,7 @@ class Pretrainer:
         return values
 
     def _log(self, step: int, window: dict, start_time: float, start_step: int) -> None:
-        nll, count = _all_reduce(
+        nll, count = all_reduce_sum(
             [window["nll"], window["count"]], self.device, parallel_state.get_data_parallel_group()
         )
         elapsed = window["time"]
