@@ -276,7 +276,9 @@ class VQMoERouter(MegatronModule):
             self.quantizer.record(
                 x if valid is None else x[valid], codes if valid is None else codes[valid]
             )
-        expert_d = self.code_to_expert[codes]
+        expert_d = (
+            codes if self.quantizer.num_codes == self.num_experts else self.code_to_expert[codes]
+        )
         onehot_d = F.one_hot(expert_d, self.num_experts).bool()
         offset = self.quantizer.quantize(x, codes) - x.detach().to(
             torch.promote_types(x.dtype, torch.float32)
