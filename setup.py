@@ -25,8 +25,10 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # Cluster installs: Transformer Engine (and apex, built from source) are used when present.
     "gpu": ["transformer-engine[pytorch]>=2.1"],
-    "hf": ["transformers>=4.46"],
-    "eval": ["transformers>=4.46", "lm-eval==0.4.13"],
+    # The exported modelling code targets the transformers 5 API (Cache objects passed as `cache`).
+    "hf": ["transformers>=5.24,<6"],
+    # lm-eval's HF model imports accelerate (its [hf] extra would also pull peft).
+    "eval": ["transformers>=5.24,<6", "lm-eval==0.4.13", "accelerate>=0.26"],
     "mpi": ["mpi4py>=4.0", "openmpi>=5.0"],
     "test": [
         "pytest>=8.0",
@@ -46,6 +48,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["vqmoe_megatron", "vqmoe_megatron.*"]),
+    package_data={"vqmoe_megatron.eval_tasks": ["*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={

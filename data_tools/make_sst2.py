@@ -32,12 +32,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# As a script, data_tools/ is first on sys.path and its inspect.py would shadow the standard
-# library's (numpy imports it). remove() drops the first occurrence: that entry when present,
-# else the one appended here. The repository root goes first instead.
-sys.path.append(str(Path(__file__).resolve().parent))
-sys.path.remove(str(Path(__file__).resolve().parent))
+# Run as a script, data_tools/ is sys.path[0], and data_tools/inspect.py would shadow the
+# standard library's inspect module: put the repository there instead (as the other tools do).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if str(Path(__file__).resolve().parent) in sys.path:
+    sys.path.remove(str(Path(__file__).resolve().parent))
 
 import argparse
 import bz2

@@ -11,6 +11,15 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
+LAUNCH_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+"""Set in this pytest process by in-process ``init_distributed``; children must not inherit them."""
 WORKERS_DIR = TESTS_DIR / "workers"
 
 
@@ -22,22 +31,20 @@ def free_port() -> int:
 
 
 def child_env(extra: dict | None = None) -> dict:
-    """Environment for child processes: tests/ importable, one thread per process, no
-    torch.distributed rendezvous of this process."""
+    """Environment for child processes: tests/ importable, one thread per process."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
-    # An in-process test (init_single_process) leaves its rendezvous in os.environ; a child that
-    # inherited MASTER_PORT would try to listen on the port this process still holds.
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for name in LAUNCH_VARIABLES:
         env.pop(name, None)
     env.update(extra or {})
     return env
 
 
-def torchrun(worker: str, nproc: int, *args: str, timeout: int = 300) -> str:
-    """Run ``tests/workers/<worker>`` on ``nproc`` ranks; fail the test with the output tail."""
-    cmd = [
+def torchrun_command(nproc: int) -> list[str]:
+    """``python -m torch.distributed.run`` for ``nproc`` local ranks on a free port (append the
+    script, or ``-m module``, and its arguments)."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -49,9 +56,12 @@ def torchrun(worker: str, nproc: int, *args: str, timeout: int = 300) -> str:
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        str(WORKERS_DIR / worker),
-        *args,
     ]
+
+
+def torchrun(worker: str, nproc: int, *args: str, timeout: int = 300) -> str:
+    """Run ``tests/workers/<worker>`` on ``nproc`` ranks; fail the test with the output tail."""
+    cmd = [*torchrun_command(nproc), str(WORKERS_DIR / worker), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:

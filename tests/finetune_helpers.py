@@ -1,5 +1,5 @@
-"""Shared pieces of the fine-tuning CLI tests: a tiny pretrained checkpoint (built once per
-session), GLUE-format data folders, and running finetune/glue.py."""
+"""Shared pieces of the fine-tuning CLI tests: GLUE-format data folders and running
+finetune/glue.py (the tiny pretrained checkpoint is ``convert_helpers.run_of``'s)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-from cli_helpers import REPO, pretrain, run_program
-from data_helpers import FIXTURE, tiny_shards
+from data_helpers import FIXTURE
+from pretrain_helpers import REPO, run_program
 
 FINETUNE = REPO / "finetune" / "glue.py"
 GLUE_FIXTURES = REPO / "tests" / "fixtures" / "glue"
-
-
-def tiny_pretrained(factory: pytest.TempPathFactory) -> Path:
-    """A 6-step pretraining run of the tiny config on the SOTU fixture (400-piece tokenizer with
-    <sep>), built once per session; returns its run directory."""
-    out = factory.getbasetemp() / "finetune_pretrained"
-    if not (out / "complete").exists():
-        shards = tiny_shards(factory, "finetune", shard_size_mb=0.05)
-        pretrain(shards, out, "train.steps=6")
-    return out
 
 
 def glue_copy(destination: Path) -> Path:

@@ -54,12 +54,11 @@ FINAL_STATES = frozenset(
 )
 # sbatch options that fit the scripts' GPU-cluster defaults to these nodes (1 CPU, no GPU).
 CPU_NODE_ARGS = ("--gpus-per-node=0", "--cpus-per-task=1")
-# Environment variables that would leak into the test cluster's jobs: an enclosing slurm job's,
-# and the torch.distributed rendezvous an in-process test leaves in os.environ (its port is
-# still held by the pytest process).
+# Environment variables of an enclosing slurm job that would leak into the test cluster's jobs.
 _JOB_ENV = re.compile(
-    r"^(SLURM|SBATCH|SRUN|SALLOC)_|^(RANK|WORLD_SIZE|LOCAL_RANK|MASTER_ADDR|MASTER_PORT)$"
+    r"^(SLURM|SBATCH|SRUN|SALLOC)_|^(RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|MASTER_ADDR|MASTER_PORT)$"
 )
+"""Variables of an enclosing job or of in-process torch.distributed that jobs must not inherit."""
 _SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 
 

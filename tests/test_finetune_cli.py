@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_helpers import records, run_and_signal_one_rank
+from convert_helpers import assert_one_error_line, convert, other_tokenizer, run_of
 from data_helpers import FIXTURE
 from dist_utils import torchrun
 from finetune_helpers import (
@@ -19,8 +19,8 @@ from finetune_helpers import (
     finetune_args,
     glue_copy,
     sentence_task,
-    tiny_pretrained,
 )
+from pretrain_helpers import records, run_and_signal_one_rank
 from safetensors.torch import load_file
 
 from vqmoe_megatron.data.tokenizer_training import TokenizerSettings, train_tokenizer
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
-    return tiny_pretrained(tmp_path_factory)
+    return run_of(tmp_path_factory, "ep1_zero1")
 
 
 @pytest.fixture(scope="module")
@@ -130,23 +130,13 @@ def test_a_consolidated_checkpoint_fine_tunes_exactly_like_the_training_one(
 ):
     data, reference = sst2_run
     consolidated = tmp_path / "consolidated"
-    torchrun("consolidate.py", 1, str(pretrained), str(consolidated))
+    convert("consolidated", pretrained, consolidated)
     out = tmp_path / "run"
     finetune("sst2", data, consolidated, out, "--epochs", "2", "--micro_batch_size", "2")
     assert [(r["step"], r["loss"]) for r in records(out)] == [
         (r["step"], r["loss"]) for r in records(reference)
     ]
     assert _results(out)["best"]["dev"] == _results(reference)["best"]["dev"]
-
-
-def _refused(proc, *needles: str) -> str:
-    """One ``error:`` line (exit code 2, no traceback) that contains every needle."""
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def _replace_line(path: Path, number: int, text: str) -> None:
@@ -160,17 +150,21 @@ def test_bad_glue_files_are_one_clear_error_and_nothing_is_written(pretrained, t
     out = tmp_path / "never"
     (data / "RTE" / "test.tsv").unlink()
     proc = finetune("rte", data, pretrained, out, check=False)
-    _refused(proc, str(data / "RTE" / "test.tsv"), "train.tsv, dev.tsv, test.tsv")
+    assert_one_error_line(proc, str(data / "RTE" / "test.tsv"), "train.tsv, dev.tsv, test.tsv")
     _replace_line(data / "SST-2" / "train.tsv", 1, "text\tlabel")
     proc = finetune("sst2", data, pretrained, out, check=False)
-    _refused(proc, str(data / "SST-2" / "train.tsv"), "header is ['text', 'label']", "sentence")
+    assert_one_error_line(
+        proc, str(data / "SST-2" / "train.tsv"), "header is ['text', 'label']", "sentence"
+    )
     shutil.copy(GLUE_FIXTURES / "SST-2" / "train.tsv", data / "SST-2")
     first_dev_row = (data / "SST-2" / "dev.tsv").read_text().splitlines()[1]
     _replace_line(data / "SST-2" / "dev.tsv", 2, first_dev_row.rsplit("\t", 1)[0] + "\t2")
     proc = finetune("sst2", data, pretrained, out, check=False)
-    _refused(proc, f"{data / 'SST-2' / 'dev.tsv'} line 2", "unknown SST-2 label '2'", "'0', '1'")
+    assert_one_error_line(
+        proc, f"{data / 'SST-2' / 'dev.tsv'} line 2", "unknown SST-2 label '2'", "'0', '1'"
+    )
     proc = finetune("sst3", data, pretrained, out, check=False)
-    _refused(proc, "unknown GLUE task 'sst3'", "SST-2")
+    assert_one_error_line(proc, "unknown GLUE task 'sst3'", "SST-2")
     assert not out.exists()
 
 
@@ -179,13 +173,9 @@ def test_a_tokenizer_or_checkpoint_that_does_not_fit_is_one_clear_error(
 ):
     data, sst2_out = sst2_run
     out = tmp_path / "never"
-    larger = tmp_path / "large"
-    train_tokenizer(
-        TokenizerSettings(inputs=[str(FIXTURE)], output_prefix=str(larger), vocab_size=500),
-        progress=False,
-    )
-    proc = finetune("sst2", data, pretrained, out, "--tokenizer", f"{larger}.model", check=False)
-    _refused(proc, f"{larger}.model has 500 pieces", "model.vocab_size=400", "--tokenizer")
+    smaller = other_tokenizer(tmp_path)
+    proc = finetune("sst2", data, pretrained, out, "--tokenizer", str(smaller), check=False)
+    assert_one_error_line(proc, f"tokenizer {smaller} has 384 pieces", "model.vocab_size=400")
     other = tmp_path / "other"
     train_tokenizer(
         TokenizerSettings(
@@ -196,22 +186,22 @@ def test_a_tokenizer_or_checkpoint_that_does_not_fit_is_one_clear_error(
         progress=False,
     )
     proc = finetune("sst2", data, pretrained, out, "--tokenizer", f"{other}.model", check=False)
-    _refused(proc, f"{other}.model is not the one", "pretrained with")
+    assert_one_error_line(proc, f"tokenizer {other}.model is not the one", "pretrained with")
     proc = finetune("sst2", data, pretrained, out, "model.hidden_size=96", check=False)
-    _refused(proc, "model.hidden_size: checkpoint 64, given 96", str(pretrained))
+    assert_one_error_line(proc, "model.hidden_size: checkpoint 64, given 96", str(pretrained))
     proc = finetune("sst2", data, tmp_path / "missing", out, check=False)
-    _refused(proc, f"{tmp_path / 'missing'} does not exist")
+    assert_one_error_line(proc, f"{tmp_path / 'missing'} does not exist")
     proc = finetune("sst2", data, sst2_out, out, check=False)
-    _refused(proc, f"{sst2_out} was written by a fine-tuning run (task SST-2)")
+    assert_one_error_line(proc, f"{sst2_out} was written by a fine-tuning run (task SST-2)")
 
     consolidated = tmp_path / "consolidated"
-    torchrun("consolidate.py", 1, str(pretrained), str(consolidated))
+    convert("consolidated", pretrained, consolidated)
     config = consolidated / "config.yaml"
     config.write_text(
         config.read_text().replace("expert_ffn_hidden_size: 128", "expert_ffn_hidden_size: 96")
     )
     proc = finetune("sst2", data, consolidated, out, check=False)
-    _refused(
+    assert_one_error_line(
         proc,
         f"{consolidated / 'model.safetensors'} does not fit the model its config describes",
         "(128, 64) in the file, (96, 64) expected",
@@ -224,7 +214,9 @@ def test_a_run_directory_of_another_task_is_refused_and_left_alone(pretrained, s
     out = Path(shutil.copytree(sst2_out, tmp_path / "run"))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     proc = finetune("rte", data, pretrained, out, check=False)
-    _refused(proc, "finetune.task: checkpoint 'SST-2', config 'RTE'", "refusing to resume")
+    assert_one_error_line(
+        proc, "finetune.task: checkpoint 'SST-2', config 'RTE'", "refusing to resume"
+    )
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 

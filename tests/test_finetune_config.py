@@ -52,8 +52,8 @@ def test_flags_become_overrides_in_any_order_with_values_kept_as_strings():
 
 def test_structure_comes_from_the_checkpoint_and_the_rest_from_fine_tuning_defaults(tmp_path):
     pretrained = _consolidated(tmp_path, routing_mode="pretrain", vq_loss_coeff=0.3)
-    cfg, saved = _load(pretrained, "train.lr=3e-4", "model.hidden_dropout=0.1")
-    assert cfg.model == replace(MODEL, hidden_dropout=0.1) and saved.model == MODEL
+    cfg = _load(pretrained, "train.lr=3e-4", "model.hidden_dropout=0.1")
+    assert cfg.model == replace(MODEL, hidden_dropout=0.1)
     assert cfg.finetune.task == "RTE" and cfg.train.output_dir == "runs/glue/RTE"
     assert cfg.train.lr == 3e-4 and cfg.train.lr_schedule == "linear"  # fine-tuning defaults
     assert cfg.train.weight_decay == 0.01 and cfg.parallel.expert_parallel == 1
@@ -65,7 +65,7 @@ def test_structure_comes_from_the_checkpoint_and_the_rest_from_fine_tuning_defau
 
 def test_routing_codebook_and_vq_loss_settings_are_written_into_moe(tmp_path):
     pretrained = _consolidated(tmp_path)
-    cfg, _ = _load(
+    cfg = _load(
         pretrained,
         "finetune.routing=pretrain",
         "finetune.train_codebook=true",
@@ -108,7 +108,7 @@ def test_missing_paths_and_unknown_tasks_are_refused(tmp_path):
 
 
 def test_a_deepspeed_config_may_not_change_the_batch(tmp_path):
-    cfg, _ = _load(_consolidated(tmp_path), "finetune.micro_batch_size=8")
+    cfg = _load(_consolidated(tmp_path), "finetune.micro_batch_size=8")
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     cfg = replace(cfg, train=replace(cfg.train, deepspeed_config=str(ds)))

@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 
 import pytest
-from cli_helpers import REPO, pretrain
 from data_helpers import FIXTURE, run_tool
 from finetune_helpers import finetune
+from pretrain_helpers import REPO, pretrain
 
 from vqmoe_megatron.data.sharding import ShardSettings, build_shards
 from vqmoe_megatron.data.tokenizer_training import TokenizerSettings, train_tokenizer

@@ -17,17 +17,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import (
-    PRETRAIN,
+from data_helpers import tiny_shards
+from pretrain_helpers import (
+    CONFIG,
     REPO,
-    TINY_CONFIG,
-    launch_env,
+    SCRIPT,
+    env,
+    losses,
+    overrides,
     pretrain,
-    pretrain_overrides,
     records,
     run_and_signal_one_rank,
 )
-from data_helpers import tiny_shards
 
 from vqmoe_megatron.training.checkpoint import find_latest
 
@@ -37,10 +38,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return tiny_shards(tmp_path_factory, "pretrain", shard_size_mb=0.05)
-
-
-def losses(out: Path) -> dict[int, tuple[float, float]]:
-    return {r["step"]: (r["loss"], r["grad_norm"]) for r in records(out)}
 
 
 def test_tiny_run_learns_and_writes_its_outputs(shards, tmp_path):
@@ -74,10 +71,12 @@ def test_tiny_run_learns_and_writes_its_outputs(shards, tmp_path):
     assert "training complete" in proc.stdout
 
 
-def test_resume_after_clean_stop_is_bit_exact(shards, tmp_path):
-    pretrain(shards, tmp_path / "a", "train.steps=8")
-    pretrain(shards, tmp_path / "b", "train.steps=4")
-    proc = pretrain(shards, tmp_path / "b", "train.steps=8")
+@pytest.mark.parametrize("precision,zero", [("fp32", 2), ("bf16", 1)])
+def test_resume_after_clean_stop_is_bit_exact(shards, tmp_path, precision, zero):
+    extra = (f"train.precision={precision}", f"train.zero_stage={zero}")
+    pretrain(shards, tmp_path / "a", "train.steps=8", *extra)
+    pretrain(shards, tmp_path / "b", "train.steps=4", *extra)
+    proc = pretrain(shards, tmp_path / "b", "train.steps=8", *extra)
     assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
 
@@ -89,8 +88,8 @@ def test_sigterm_mid_run_checkpoints_and_rerun_continues_exactly(shards, tmp_pat
     reference = tmp_path / "reference"
     pretrain(shards, reference, *extra, nproc=2, launcher="torchrun")
     out = tmp_path / "killed"
-    args = ["--config", str(TINY_CONFIG), *pretrain_overrides(shards, out, *extra)]
-    returncode, output = run_and_signal_one_rank(PRETRAIN, args, out, after_step=3)
+    args = ["--config", str(CONFIG), *overrides(shards, out, *extra)]
+    returncode, output = run_and_signal_one_rank(SCRIPT, args, out, after_step=3)
     assert returncode == 0, output[-3000:]
     stopped = int((out / "preempted").read_text().split()[1])
     assert 3 <= stopped < 40
@@ -208,7 +207,7 @@ def test_dry_run_of_the_large_config_counts_about_a_billion_parameters():
     proc = subprocess.run(
         [
             sys.executable,
-            str(PRETRAIN),
+            str(SCRIPT),
             "--config",
             str(REPO / "pretrain/configs/large.yaml"),
             "--dry-run",
@@ -218,7 +217,7 @@ def test_dry_run_of_the_large_config_counts_about_a_billion_parameters():
         capture_output=True,
         text=True,
         timeout=120,
-        env=launch_env(),
+        env=env(),
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr

@@ -14,8 +14,9 @@ import signal
 from pathlib import Path
 
 import pytest
-from cli_helpers import REPO, records
-from finetune_helpers import sentence_task, tiny_pretrained
+from convert_helpers import run_of
+from finetune_helpers import sentence_task
+from pretrain_helpers import REPO, records
 from slurm_cluster import CPU_NODE_ARGS, SlurmCluster, program_env, read_marker
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -25,7 +26,7 @@ STEPS = 200
 def test_usr1_preempts_fine_tuning_and_the_requeued_job_finishes(
     slurm_cluster: SlurmCluster, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    pretrained = tiny_pretrained(tmp_path_factory)
+    pretrained = run_of(tmp_path_factory, "ep1_zero1")
     data = sentence_task(tmp_path / "glue", train=400, dev=40)
     out, log = tmp_path / "run", tmp_path / "job.out"
     env = program_env(

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_helpers import records
 from data_helpers import tiny_shards
+from pretrain_helpers import records
 from slurm_cluster import CPU_NODE_ARGS, NODES, SlurmCluster, program_env, read_marker
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

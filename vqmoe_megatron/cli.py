@@ -20,9 +20,16 @@ def _quiet_third_party_warnings() -> None:
         warnings.filterwarnings("ignore", message=f".*{pattern}.*")
 
 
+MAX_ERROR_CHARS = 800
+
+
 def fail(message: str) -> int:
-    """Print ``error: message`` to stderr and return exit code 2."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    """Print ``error: message`` to stderr as one line (long library messages are shortened) and
+    return exit code 2."""
+    line = " ".join(message.split())
+    if len(line) > MAX_ERROR_CHARS:
+        line = line[: MAX_ERROR_CHARS - 3] + "..."
+    print(f"error: {line}", file=sys.stderr, flush=True)
     return 2
 
 
@@ -122,8 +129,4 @@ def run_finetuning(config_path: Optional[str], overrides: Sequence[str]) -> int:
     from vqmoe_megatron.finetune.pretrained import load_finetune_config
     from vqmoe_megatron.finetune.trainer import GlueFinetuner
 
-    def build() -> GlueFinetuner:
-        cfg, pretrained = load_finetune_config(config_path, overrides)
-        return GlueFinetuner(cfg, pretrained)
-
-    return _train(build)
+    return _train(lambda: GlueFinetuner(load_finetune_config(config_path, overrides)))

@@ -124,7 +124,6 @@ class DataConfig:
     micro_batch_size: int = 8
     num_workers: int = 1
     seed: int = 1234
-    shuffle_buffer: int = 1000
     verify_checksums: bool = False
 
 

@@ -149,16 +149,6 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_floats(
-    values: list[float], device: torch.device, group: Optional[dist.ProcessGroup] = None
-) -> list[float]:
-    """Sum a few Python numbers over ``group`` (default: world) in float64; no-op alone."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(tensor, group=group)
-    return tensor.tolist()
-
-
 def sequence_parallel_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Replicated parameters whose gradients are partial under sequence parallelism."""
     return [p for p in model.parameters() if getattr(p, "sequence_parallel", False)]

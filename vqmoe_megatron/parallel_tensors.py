@@ -56,17 +56,6 @@ def global_name(name: str, num_local_experts: int, ep_rank: int) -> str:
     return f"{match['pre']}{index}{match['post']}"
 
 
-def local_name(name: str, num_local_experts: int, ep_rank: int) -> Optional[str]:
-    """Inverse of :func:`global_name`; None when the global expert lives on another EP rank."""
-    match = _expert_match(name)
-    if match is None:
-        return name
-    index = int(match["idx"]) - ep_rank * num_local_experts
-    if not 0 <= index < num_local_experts:
-        return None
-    return f"{match['pre']}{index}{match['post']}"
-
-
 def _tp_group(name: str, param: nn.Parameter) -> Optional[dist.ProcessGroup]:
     if not getattr(param, "tensor_model_parallel", False):
         return None

@@ -14,12 +14,11 @@ The CPU all-to-all dispatcher (no CUDA side stream) lives with the other dispatc
 """
 
 from vqmoe_megatron.compat.layers import DeviceSafeRotaryEmbedding, SDPACoreAttention, SPTorchNorm
-from vqmoe_megatron.compat.shims import apply_cpu_process_shims, cpu_shims_applied
+from vqmoe_megatron.compat.shims import apply_cpu_process_shims
 
 __all__ = [
     "DeviceSafeRotaryEmbedding",
     "SDPACoreAttention",
     "SPTorchNorm",
     "apply_cpu_process_shims",
-    "cpu_shims_applied",
 ]

@@ -24,11 +24,6 @@ import torch.distributed as dist
 _APPLIED = False
 
 
-def cpu_shims_applied() -> bool:
-    """Whether :func:`apply_cpu_process_shims` has patched this process."""
-    return _APPLIED
-
-
 def _refuse_on_cuda(what: str) -> None:
     if torch.cuda.is_available():
         raise RuntimeError(

@@ -26,13 +26,9 @@ from vqmoe_megatron.config import (
     read_yaml,
     to_dict,
 )
-from vqmoe_megatron.convert.consolidated import (
-    CONFIG,
-    TOKENIZER,
-    is_consolidated,
-    pretrained_config,
-)
-from vqmoe_megatron.data import DataError, Tokenizer, load_manifest
+from vqmoe_megatron.convert.consolidated import CONFIG, is_consolidated, pretrained_config
+from vqmoe_megatron.convert.source import open_source, tokenizer_path
+from vqmoe_megatron.data import Tokenizer
 from vqmoe_megatron.glue.tasks import get_task
 from vqmoe_megatron.training.checkpoint import (
     CheckpointError,
@@ -63,64 +59,31 @@ def read_pretrained_config(path: Union[str, Path]) -> PretrainConfig:
     return pretrained_config(path)
 
 
-def _recorded_tokenizer(pretrained: Path, cfg: PretrainConfig) -> tuple[Optional[Path], str]:
-    """The tokenizer a checkpoint names (consolidated copy, else the data manifest's) and where
-    that came from; (None, reason) when it names none that can be read."""
-    if is_consolidated(pretrained):
-        if (pretrained / TOKENIZER).is_file():
-            return pretrained / TOKENIZER, f"the copy in {pretrained}"
-        return None, f"{pretrained} holds no {TOKENIZER}"
-    if not cfg.data.data_dir:
-        return None, f"the config of {pretrained} names no data.data_dir"
-    try:
-        manifest = load_manifest(cfg.data.data_dir)
-    except DataError as exc:
-        return None, f"its data manifest cannot be read ({exc})"
-    return Path(manifest.tokenizer_model), f"the manifest of {manifest.data_dir}"
+def resolve_tokenizer(pretrained: Union[str, Path], explicit: Optional[str] = None) -> Tokenizer:
+    """The tokenizer to fine-tune ``pretrained`` with: ``explicit``, else the one the checkpoint
+    records (the consolidated copy or its data manifest's; ``convert.source``).
 
-
-def resolve_tokenizer(
-    pretrained: Union[str, Path], cfg: PretrainConfig, explicit: Optional[str] = None
-) -> Tokenizer:
-    """The tokenizer to fine-tune ``pretrained`` with: ``explicit`` or the recorded one.
-
-    Its vocabulary must be the model's; when the checkpoint records a tokenizer, an explicit
-    one must also be that very file (same sha256).
+    Its vocabulary must be the model's; an explicit one must also be the very file the
+    checkpoint records, when it records one (same sha256).
     """
     pretrained = Path(pretrained)
-    recorded, where = _recorded_tokenizer(pretrained, cfg)
-    if explicit is None:
-        if recorded is None:
-            raise DataError(
-                f"cannot find the tokenizer of {pretrained}: {where}; pass --tokenizer PATH"
-            )
-        if not recorded.is_file():
-            raise DataError(
-                f"the tokenizer recorded for {pretrained} ({recorded}, from {where}) does not "
-                "exist; pass --tokenizer PATH"
-            )
-    tokenizer = Tokenizer(explicit or recorded)
-    if tokenizer.vocab_size != cfg.model.vocab_size:
-        raise DataError(
-            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but {pretrained} was "
-            f"pretrained with model.vocab_size={cfg.model.vocab_size}; pass the tokenizer it was "
-            "pretrained with (--tokenizer)"
-        )
-    if explicit is not None and recorded is not None and recorded.is_file():
+    source = open_source(pretrained, Path(explicit) if explicit else None, require_tokenizer=True)
+    recorded = tokenizer_path(pretrained, source.cfg, None) if explicit else None
+    if recorded is not None:
         expected = Tokenizer(recorded).sha256
-        if tokenizer.sha256 != expected:
-            raise DataError(
-                f"tokenizer {tokenizer.path} is not the one {pretrained} was pretrained with "
-                f"({recorded}, from {where}; sha256 {expected[:12]}... vs {tokenizer.sha256[:12]}"
-                "...); pass that file, or leave --tokenizer out"
+        if source.tokenizer.sha256 != expected:
+            raise CheckpointError(
+                f"tokenizer {explicit} is not the one {pretrained} was pretrained with "
+                f"({recorded}; sha256 {expected[:12]}... vs {source.tokenizer.sha256[:12]}...); "
+                "pass that file, or leave --tokenizer out"
             )
-    return tokenizer
+    return source.tokenizer
 
 
 def load_finetune_config(
     config_path: Optional[Union[str, Path]], overrides: Sequence[str]
-) -> tuple[FinetuneConfig, PretrainConfig]:
-    """The resolved fine-tuning config (see the module docstring) and the pretraining config."""
+) -> FinetuneConfig:
+    """The resolved fine-tuning config (see the module docstring)."""
     data = read_yaml(config_path) if config_path is not None else {}
     source = str(config_path) if config_path is not None else "defaults"
     updates = parse_overrides(overrides)
@@ -146,7 +109,7 @@ def load_finetune_config(
         train=replace(cfg.train, output_dir=cfg.train.output_dir or f"runs/glue/{task}"),
     )
     _check_structure(cfg, pretrained, settings.pretrained)
-    return _apply_finetune_settings(cfg, pretrained, settings.pretrained), pretrained
+    return _apply_finetune_settings(cfg, pretrained, settings.pretrained)
 
 
 def _check_structure(cfg: FinetuneConfig, pretrained: PretrainConfig, path: str) -> None:

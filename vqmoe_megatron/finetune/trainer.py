@@ -30,7 +30,7 @@ from megatron.core import parallel_state
 from vqmoe_megatron.config import ConfigError, FinetuneConfig, PretrainConfig, dump_yaml
 from vqmoe_megatron.convert.consolidated import load_pretrained
 from vqmoe_megatron.data.files import sha256_file, write_json_atomic
-from vqmoe_megatron.distributed import all_reduce_floats, destroy_distributed, init_distributed
+from vqmoe_megatron.distributed import destroy_distributed, init_distributed
 from vqmoe_megatron.finetune.best import BestModel
 from vqmoe_megatron.finetune.classifier import SequenceClassifier, task_loss
 from vqmoe_megatron.finetune.evaluation import predict
@@ -55,6 +55,7 @@ from vqmoe_megatron.training.checkpoint import (
 )
 from vqmoe_megatron.training.codebook import maintain_codebooks
 from vqmoe_megatron.training.engine import deepspeed_config, initialize_engine
+from vqmoe_megatron.training.evaluation import all_reduce_sum
 from vqmoe_megatron.training.run_logger import RunLogger, progress_line
 from vqmoe_megatron.training.trainer import (
     PREEMPTED,
@@ -126,13 +127,13 @@ def check_batch_settings(cfg: FinetuneConfig, data_parallel: int) -> None:
 class GlueFinetuner(LoopControl):
     """Owns one fine-tuning run (construct, then :meth:`run`)."""
 
-    def __init__(self, cfg: FinetuneConfig, pretrained_cfg: PretrainConfig) -> None:
+    def __init__(self, cfg: FinetuneConfig) -> None:
         validate_config(cfg)
         self.log: Optional[RunLogger] = None
         ft = cfg.finetune
         self.task = get_task(ft.task)
         self.regression = self.task.is_regression
-        self.tokenizer = resolve_tokenizer(ft.pretrained, pretrained_cfg, ft.tokenizer)
+        self.tokenizer = resolve_tokenizer(ft.pretrained, ft.tokenizer)
         max_length = ft.max_seq_length or cfg.model.seq_length
         train_file = self._read_data(ft.data_dir, max_length)
 
@@ -252,7 +253,7 @@ class GlueFinetuner(LoopControl):
                 totals[1] += float((logits.argmax(dim=-1) == batch.labels).sum())
             totals[2] += len(indices)
         nonfinite = self.engine.skipped_steps > skipped_before or not math.isfinite(totals[0])
-        (flag,) = all_reduce_floats([1.0 if nonfinite else 0.0], self.device)
+        (flag,) = all_reduce_sum([1.0 if nonfinite else 0.0], self.device)
         return totals, flag > 0
 
     def _multiple_of(self) -> int:
@@ -303,7 +304,7 @@ class GlueFinetuner(LoopControl):
     def _log(
         self, step: int, window: list[float], seconds: float, start: tuple[float, int]
     ) -> None:
-        loss_sum, correct, count = all_reduce_floats(
+        loss_sum, correct, count = all_reduce_sum(
             window[:3], self.device, parallel_state.get_data_parallel_group()
         )
         steps = window[3]

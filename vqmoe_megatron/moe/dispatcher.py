@@ -9,6 +9,9 @@ Two changes to ``MoEAlltoAllTokenDispatcher`` (0.16.1), nothing else:
   ``tokens * topk`` rows when dropless, which is what its permutation kernels are told
   (``num_out_tokens``); a VQMoE map has ``T * (k + 1)`` rows (stacked streams) or a data-dependent
   count (merged rows), set per dispatch through :attr:`num_routed_rows`.
+* It can fold stacked streams on combine (:attr:`fold_streams`): the expert outputs of input
+  rows ``r`` and ``r + T`` are scatter-added into the same output row, so the layer gets the sum
+  of both routing paths directly instead of a ``[2T, H]`` tensor to add up.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
+from megatron.core.transformer.moe.moe_utils import unpermute
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 COUNT_ROWS = -1
@@ -52,6 +56,8 @@ class PortableAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         super().__init__(*args, **kwargs)
         self.num_routed_rows: Optional[int] = None
         """Rows of the next routing map: None (megatron's tokens*topk), an int, or COUNT_ROWS."""
+        self.fold_streams = 1
+        """Streams stacked on the sequence axis of the next input to sum on combine."""
 
     def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
         tokens_per_local_expert = super().preprocess(routing_map)
@@ -63,6 +69,28 @@ class PortableAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         else:
             self.num_out_tokens = self.num_routed_rows
         return tokens_per_local_expert
+
+    def folds(self) -> bool:
+        """Whether the next combine sums the stacked streams (unfused, dropless path only)."""
+        return (
+            self.fold_streams > 1
+            and not self.config.moe_permute_fusion
+            and not self.drop_and_pad
+            and self.shared_experts is None
+        )
+
+    def combine_postprocess(self, permutated_local_input_tokens: torch.Tensor) -> torch.Tensor:
+        if not self.folds():
+            return super().combine_postprocess(permutated_local_input_tokens)
+        rows = self.hidden_shape_before_permute[0] // self.fold_streams
+        output = unpermute(
+            permutated_local_input_tokens,
+            self.reversed_local_input_permutation_mapping % rows,
+            restore_shape=torch.Size((rows, self.hidden_shape_before_permute[1])),
+            routing_map=self.routing_map,
+            fused=False,
+        )
+        return output.view(self.hidden_shape[0] // self.fold_streams, *self.hidden_shape[1:])
 
     def _maybe_dtoh_and_synchronize(
         self, point: str, tokens_per_expert: Optional[torch.Tensor] = None

@@ -165,10 +165,15 @@ class VQMoELayer(PortableMoELayer):
         if padding_mask is not None:
             padding_mask = padding_mask.transpose(0, 1).bool()
         plan = self.router(hidden_states, padding_mask)
+        folded = False
         if isinstance(self.token_dispatcher, PortableAlltoAllTokenDispatcher):
             self.token_dispatcher.num_routed_rows = (
                 plan.num_rows if plan.num_rows is not None else COUNT_ROWS
             )
+            self.token_dispatcher.fold_streams = (
+                plan.num_streams if plan.post_norm_scale is None else 1
+            )
+            folded = self.token_dispatcher.folds()
         hidden, probs = self.token_dispatcher.dispatch_preprocess(
             plan.hidden, plan.routing_map, plan.probs
         )
@@ -176,7 +181,8 @@ class VQMoELayer(PortableMoELayer):
         output, _ = self.routed_experts_compute(hidden, probs)
         output = self.combine(output)
         output = self.token_dispatcher.combine_postprocess(output)
-        output = self.router.combine_streams(output, plan)
+        if not folded:
+            output = self.router.combine_streams(output, plan)
         if plan.aux_loss is not None:
             output = MoEAuxLossAutoScaler.apply(output, plan.aux_loss)
         return output, None

@@ -223,33 +223,36 @@ class VQMoERouter(MegatronModule):
         self.quantizer.reset_parameters(generator)
 
     # ----------------------------------------------------------------------------- routing
-    def _expert_input(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    def _expert_input(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """x_d for the configured expert input ('paper', 'token' or 'quantized'), dtype of x.
 
-        ``q`` carries no gradient; all variants pass gradient to x only (0.95 for 'paper').
+        ``offset`` is ``sg(q - x)``: every variant passes gradient to x only (0.95 for 'paper').
         """
         kind = self.config.vqmoe_expert_input
         if kind == "token":
             x_d = x
-        else:
-            delta = (q - x.detach().to(q.dtype)).to(x.dtype)
-            if kind == "quantized":
-                x_d = x + delta
-            else:
-                rho = self.config.vqmoe_contrib_rate
-                x_d = torch.add(x * (1.0 - rho), delta, alpha=rho)
+        elif kind == "quantized":
+            x_d = x + offset.to(x.dtype)
+        else:  # (1 - rho) x + rho * sg(q - x), one fused op
+            x_d = torch.lerp(x, offset.to(x.dtype), self.config.vqmoe_contrib_rate)
         if self.discrete_norm_in is not None:
             x_d = self.discrete_norm_in(x_d)
         return x_d
 
     def _vq_aux_loss(
-        self, x: torch.Tensor, codes: torch.Tensor, valid: Optional[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        valid: Optional[torch.Tensor],
+        offset: torch.Tensor,
     ) -> Optional[torch.Tensor]:
         if not (self.training and torch.is_grad_enabled()):
             return None
         if self.mode == "discrete" and not self.config.vqmoe_loss_in_discrete:
             return None
-        loss = self.quantizer.loss(x, codes, valid)
+        loss = self.quantizer.loss(
+            x, codes, valid, offset if self.quantizer.distance == "l2" else None
+        )
         metrics.record(self.layer_number, "vq_loss_sum", loss)
         metrics.record(self.layer_number, "micro_batches", torch.ones((), device=x.device))
         # Under sequence parallelism each TP rank holds a slice of the sequence and the
@@ -273,11 +276,15 @@ class VQMoERouter(MegatronModule):
             self.quantizer.record(
                 x if valid is None else x[valid], codes if valid is None else codes[valid]
             )
-        expert_d = self.code_to_expert[codes]
+        expert_d = (
+            codes if self.quantizer.num_codes == self.num_experts else self.code_to_expert[codes]
+        )
         onehot_d = F.one_hot(expert_d, self.num_experts).bool()
-        q = self.quantizer.quantize(x, codes)
-        x_d = self._expert_input(x, q)
-        aux_loss = self._vq_aux_loss(x, codes, valid)
+        offset = self.quantizer.quantize(x, codes) - x.detach().to(
+            torch.promote_types(x.dtype, torch.float32)
+        )
+        x_d = self._expert_input(x, offset)
+        aux_loss = self._vq_aux_loss(x, codes, valid, offset)
         post_norm = self.discrete_norm_out is not None
 
         if self.mode == "discrete":

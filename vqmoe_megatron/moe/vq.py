@@ -91,35 +91,35 @@ def kmeans(
 
 
 class _SquaredVQLoss(torch.autograd.Function):
-    """``sum_t w_t (||sg(x_t) - c_k||^2 + beta ||x_t - sg(c_k)||^2)`` in one pass.
+    """``sum_t w_t (||sg(x_t) - c_k||^2 + beta ||x_t - sg(c_k)||^2)`` from ``offset = c_k - x_t``.
 
-    Forward computes ``d = x - c_codes`` once; backward gives ``2 beta w d`` to x and
-    ``-2 w d`` (index-added per code) to the codebook: the same numbers as autograd through
-    the two stop-gradient terms, with a third of the elementwise work.
+    The router already computed ``offset`` (without gradient) for the expert input, so the loss
+    costs one reduction forward and two multiplies backward: ``-2 beta w offset`` to x and
+    ``2 w offset`` (index-added per code) to the codebook, the same numbers as autograd through
+    the two stop-gradient terms.
     """
 
     @staticmethod
-    def forward(ctx, x, codebook, codes, weights, beta):
-        dtype = weights.dtype
-        diff = x.detach().to(dtype) - codebook.detach()[codes].to(dtype)
-        ctx.save_for_backward(diff, codes, weights)
+    def forward(ctx, x, codebook, codes, weights, offset, beta):
+        ctx.save_for_backward(offset, codes, weights)
         ctx.beta = beta
         ctx.dtypes = (x.dtype, codebook.dtype)
         ctx.num_codes = codebook.shape[0]
-        return (1.0 + beta) * ((diff * diff).sum(dim=-1) * weights).sum()
+        return (1.0 + beta) * (torch.einsum("th,th->t", offset, offset) * weights).sum()
 
     @staticmethod
     def backward(ctx, grad):
-        diff, codes, weights = ctx.saved_tensors
-        scaled = diff * (weights * (2.0 * grad)).unsqueeze(1)
+        offset, codes, weights = ctx.saved_tensors
+        weighted = offset * weights.unsqueeze(1)
         grad_x = grad_codebook = None
         if ctx.needs_input_grad[0]:
-            grad_x = (ctx.beta * scaled).to(ctx.dtypes[0])
+            grad_x = (weighted * (-2.0 * ctx.beta * grad)).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            grad_codebook = scaled.new_zeros(ctx.num_codes, scaled.shape[1])
-            grad_codebook.index_add_(0, codes, scaled, alpha=-1.0)
-            grad_codebook = grad_codebook.to(ctx.dtypes[1])
-        return grad_x, grad_codebook, None, None, None
+            summed = weighted.new_zeros(ctx.num_codes, weighted.shape[1]).index_add_(
+                0, codes, weighted
+            )
+            grad_codebook = (summed * (2.0 * grad)).to(ctx.dtypes[1])
+        return grad_x, grad_codebook, None, None, None, None
 
 
 class VectorQuantizer(nn.Module):
@@ -224,11 +224,16 @@ class VectorQuantizer(nn.Module):
         return q
 
     def loss(
-        self, x: torch.Tensor, codes: torch.Tensor, valid: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        valid: Optional[torch.Tensor] = None,
+        offset: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """VQ-VAE loss ``||sg(x) - c||^2 + beta ||x - sg(c)||^2``, mean over valid tokens and dims.
 
-        ``valid`` [T] bool excludes padding tokens. With cosine distance both sides are unit
+        ``valid`` [T] bool excludes padding tokens. ``offset`` is ``q - x`` from
+        :meth:`quantize` if the caller has it (L2 only). With cosine distance both sides are unit
         vectors, so codes learn directions.
         """
         dtype = _compute_dtype(x)
@@ -237,7 +242,11 @@ class VectorQuantizer(nn.Module):
         else:
             weights = valid.to(dtype) / (valid.sum().clamp(min=1) * x.shape[1])
         if self.distance == "l2":
-            return _SquaredVQLoss.apply(x, self.codebook, codes, weights, self.commitment_cost)
+            if offset is None:
+                offset = self.quantize(x, codes) - x.detach().to(dtype)
+            return _SquaredVQLoss.apply(
+                x, self.codebook, codes, weights, offset, self.commitment_cost
+            )
         xf = F.normalize(x.to(dtype), dim=-1)
         cf = F.normalize(self.codebook[codes].to(dtype), dim=-1)
         per_token = ((xf.detach() - cf) ** 2).sum(dim=-1) + self.commitment_cost * (

@@ -44,6 +44,7 @@ from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+from torch.distributed.checkpoint.api import CheckpointException
 
 from vqmoe_megatron.config import PretrainConfig, dump_yaml
 from vqmoe_megatron.training.engine import (
@@ -53,6 +54,8 @@ from vqmoe_megatron.training.engine import (
     optimizer_steps_taken,
 )
 
+READ_ERRORS = (Exception, CheckpointException)
+"""What reading a damaged checkpoint raises (torch's CheckpointException is a BaseException)."""
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -86,6 +89,18 @@ STRUCTURAL_FIELDS = {
 }
 """Settings that change the parameters (or, for fine-tuning, the task and its head): a checkpoint
 only resumes a run that agrees on them. Sections a config lacks are skipped."""
+
+
+def read_failure(exc: BaseException) -> str:
+    """One line saying why reading tensors failed (torch's CheckpointException carries every
+    rank's exception with its traceback; only the exceptions are kept)."""
+    causes = (
+        [pair[0] for pair in exc.failures.values()]
+        if isinstance(exc, CheckpointException)
+        else [exc]
+    )
+    names = sorted({f"{type(c).__name__}: {c}" if str(c) else type(c).__name__ for c in causes})
+    return "; ".join(names) + " (a tensor file is missing, truncated or damaged)"
 
 
 class CheckpointError(RuntimeError):
@@ -203,16 +218,36 @@ def load_model_weights(gpt: torch.nn.Module, step_dir: Path, cfg: PretrainConfig
     template, _ = _sharded_state(gpt, None, for_load=True)
     try:
         loaded = dist_checkpointing.load(template, str(Path(step_dir) / "dist"))
-    except Exception as exc:  # noqa: BLE001 - any reader failure means an unusable checkpoint
+    except READ_ERRORS as exc:
         hint = ""
         if (
             state.signature.get("moe.routing_mode") == "discrete"
             and cfg.moe.routing_mode == "pretrain"
         ):
             hint = " (the checkpoint was trained in discrete mode: it has no router or gate)"
-        raise CheckpointError(f"cannot read the weights of {step_dir}{hint}: {exc}") from exc
+        raise CheckpointError(
+            f"cannot read the weights of {step_dir}{hint}: {read_failure(exc)}"
+        ) from exc
     gpt.load_state_dict(loaded, strict=True)
     return state
+
+
+def missing_optimizer_state(gpt: torch.nn.Module, step_dir: Path) -> list[str]:
+    """Adam moments a resume of ``gpt`` (any layout) needs that checkpoint ``step_dir`` lacks."""
+    template, owners = _sharded_state(gpt, None, for_load=True)
+    try:
+        stored = set(dist_checkpointing.load_tensors_metadata(str(Path(step_dir) / "dist")))
+    except READ_ERRORS as exc:
+        raise CheckpointError(
+            f"cannot read the tensor index of {step_dir}: {read_failure(exc)}"
+        ) from exc
+    wanted = {
+        f"optimizer.{name}.{template[key].key}"
+        for key, param in owners.items()
+        if param.requires_grad
+        for name in ADAM_KEYS
+    }
+    return sorted(wanted - stored)
 
 
 def _sharded_state(
@@ -410,8 +445,8 @@ class CheckpointManager:
         template, owners = _sharded_state(model, engine, for_load=True)
         try:
             loaded = dist_checkpointing.load(template, str(path / "dist"))
-        except Exception as exc:  # noqa: BLE001 - any reader failure means an unusable checkpoint
-            raise CheckpointError(f"cannot read tensors of {path}: {exc}") from exc
+        except READ_ERRORS as exc:
+            raise CheckpointError(f"cannot read tensors of {path}: {read_failure(exc)}") from exc
         moments: dict[torch.nn.Parameter, dict] = {}
         model_state = {}
         for key, value in loaded.items():

@@ -19,7 +19,6 @@ their gradient over TP, the step megatron's ``finalize_model_grads`` performs.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +40,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from torch import nn
 
-from vqmoe_megatron.config import ConfigError, TrainConfig
+from vqmoe_megatron.config import ConfigError, TrainConfig, merge
 from vqmoe_megatron.distributed import sequence_parallel_params
 from vqmoe_megatron.model import VQMoEGPTModel
 from vqmoe_megatron.parallel_tensors import is_expert_param
@@ -137,11 +136,18 @@ class LanguageModel(nn.Module):
         self.gpt = gpt
         self.pad_id = pad_id
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``tokens`` [B, S+1] -> (mean loss over real targets, NLL sum, number of targets)."""
+    def forward(
+        self, tokens: torch.Tensor, loss_mask: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``tokens`` [B, S+1] -> (mean loss over real targets, NLL sum, number of targets).
+
+        Targets equal to the pad id are not counted; ``loss_mask`` [B, S] (1 = count) instead
+        selects the targets explicitly (evaluation windows that score only their tail).
+        """
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         per_token = self.gpt(inputs, None, None, labels=labels)
-        mask = (labels != self.pad_id).to(per_token.dtype)
+        mask = labels != self.pad_id if loss_mask is None else loss_mask.bool()
+        mask = mask.to(per_token.dtype)
         nll_sum = (per_token.float() * mask).sum()
         count = mask.sum()
         return nll_sum / count.clamp(min=1), nll_sum.detach(), count.detach()
@@ -210,18 +216,8 @@ def deepspeed_config(train: TrainConfig, micro_batch_size: int) -> dict[str, Any
             user = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON ({exc})") from exc
-        config = _merge(config, user)
+        config = merge(config, user)
     return config
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def lr_lambda(train: TrainConfig) -> Callable[[int], float]:

@@ -32,12 +32,7 @@ from megatron.core.transformer.moe.moe_utils import (
 
 from vqmoe_megatron.config import ConfigError, PretrainConfig, dump_yaml
 from vqmoe_megatron.data import DataError, TokenShardLoader, check_manifest_matches, load_manifest
-from vqmoe_megatron.distributed import (
-    ParallelLayout,
-    all_reduce_floats,
-    destroy_distributed,
-    init_distributed,
-)
+from vqmoe_megatron.distributed import ParallelLayout, destroy_distributed, init_distributed
 from vqmoe_megatron.model import VQMoEGPTModel, build_model
 from vqmoe_megatron.moe import metrics
 from vqmoe_megatron.training.checkpoint import (
@@ -48,6 +43,7 @@ from vqmoe_megatron.training.checkpoint import (
 )
 from vqmoe_megatron.training.codebook import initialize_codebooks, maintain_codebooks
 from vqmoe_megatron.training.engine import LanguageModel, initialize_engine
+from vqmoe_megatron.training.evaluation import all_reduce_sum, filler_batch, lm_metrics, sum_nll
 from vqmoe_megatron.training.flops import device_peak_tflops, flops_per_token
 from vqmoe_megatron.training.run_logger import RunLogger, progress_line
 
@@ -244,7 +240,7 @@ class Pretrainer(LoopControl):
             count_total += float(count)
         skipped = self.engine.skipped_steps > skipped_before
         nonfinite = skipped or not math.isfinite(nll_total)
-        (flag,) = all_reduce_floats([1.0 if nonfinite else 0.0], self.device)
+        (flag,) = all_reduce_sum([1.0 if nonfinite else 0.0], self.device)
         return nll_total, count_total, flag > 0
 
     # ------------------------------------------------------------------ evaluation
@@ -254,32 +250,20 @@ class Pretrainer(LoopControl):
         split = self.manifest.splits.get("valid")
         if split is None or split.samples == 0:
             return {}
-        loader = self._loader("valid")
-        limit = self.cfg.train.eval_batches
+        filler = filler_batch(self.manifest.pad_id, self.cfg.model.seq_length)
         self.engine.eval()
         metrics.set_enabled(False)
-        nll, count = 0.0, 0.0
         try:
-            for index, batch in enumerate(loader):
-                if limit is not None and index >= limit:
-                    break
-                _, batch_nll, batch_count = self.engine(batch["tokens"].to(self.device))
-                nll += float(batch_nll)
-                count += float(batch_count)
+            nll, count = sum_nll(
+                self.engine, self._loader("valid"), self.device, filler, self.cfg.train.eval_batches
+            )
         finally:
             metrics.set_enabled(True)
             self.engine.train()
-        nll, count = all_reduce_floats(
+        nll, count = all_reduce_sum(
             [nll, count], self.device, parallel_state.get_data_parallel_group()
         )
-        loss = nll / max(count, 1.0)
-        bytes_per_token = split.bytes / max(split.tokens, 1)
-        return {
-            "loss": loss,
-            "ppl": math.exp(min(loss, 50.0)),
-            "bpb": nll / math.log(2) / max(count * bytes_per_token, 1.0),
-            "tokens": count,
-        }
+        return lm_metrics(nll, count, count * split.bytes / max(split.tokens, 1))
 
     # ------------------------------------------------------------------ logging
     def _routing_summary(self, steps: int) -> dict[str, float]:
@@ -304,7 +288,7 @@ class Pretrainer(LoopControl):
         return values
 
     def _log(self, step: int, window: dict, start_time: float, start_step: int) -> None:
-        nll, count = all_reduce_floats(
+        nll, count = all_reduce_sum(
             [window["nll"], window["count"]], self.device, parallel_state.get_data_parallel_group()
         )
         elapsed = window["time"]

@@ -1,5 +1,11 @@
-"""Run the project's training programs as a user would: plain python, torchrun, the DeepSpeed
-launcher or mpirun; read back what a run logged. Shared by the pretraining and fine-tuning tests.
+"""Running the real training programs from tests (shared by the pretraining, conversion and
+fine-tuning tests).
+
+``run_program`` starts a script (``pretrain/pretrain_vqmoe.py``, ``finetune/glue.py``) under the
+chosen launcher as a user would; ``pretrain`` runs pretraining with the tiny config on shards;
+``trained_run`` caches a finished run per name for the whole session, so that every test module
+that needs a tiny checkpoint trains it once; ``run_and_signal_one_rank`` preempts a run;
+``records`` reads back what a run logged.
 """
 
 from __future__ import annotations
@@ -14,14 +20,26 @@ from pathlib import Path
 
 import psutil
 import pytest
-from dist_utils import child_env, free_port
+from dist_utils import child_env, free_port, torchrun_command
 
 REPO = Path(__file__).resolve().parent.parent
-PRETRAIN = REPO / "pretrain" / "pretrain_vqmoe.py"
-TINY_CONFIG = REPO / "pretrain" / "configs" / "tiny.yaml"
+SCRIPT = REPO / "pretrain" / "pretrain_vqmoe.py"
+CONFIG = REPO / "pretrain" / "configs" / "tiny.yaml"
 
 
-def launch_command(script: Path, nproc: int = 1, launcher: str = "python") -> list[str]:
+def overrides(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"data.data_dir={shards}",
+        f"train.output_dir={out}",
+        "train.tensorboard=false",
+        "train.eval_interval=0",
+        "train.log_interval=1",
+        "train.save_interval=1000",
+        *extra,
+    ]
+
+
+def command(nproc: int, launcher: str = "torchrun", script: Path = SCRIPT) -> list[str]:
     """The command line that starts ``script`` on ``nproc`` local processes."""
     if nproc == 1 and launcher == "python":
         return [sys.executable, str(script)]
@@ -47,22 +65,10 @@ def launch_command(script: Path, nproc: int = 1, launcher: str = "python") -> li
             sys.executable,
             str(script),
         ]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(script),
-    ]
+    return [*torchrun_command(nproc), str(script)]
 
 
-def launch_env() -> dict:
-    """Child environment (tests/ importable, one thread per process, MPI allowed as root)."""
+def env() -> dict:
     return child_env(
         {
             "OMPI_ALLOW_RUN_AS_ROOT": "1",
@@ -77,28 +83,13 @@ def run_program(
 ) -> subprocess.CompletedProcess:
     """Run ``script args`` to completion; a failure (when ``check``) fails the test with the
     output's tail."""
-    cmd = [*launch_command(script, nproc, launcher), *args]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env=launch_env(), cwd=REPO
-    )
+    cmd = [*command(nproc, launcher, script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env(), cwd=REPO)
     if check and proc.returncode != 0:
         pytest.fail(
             f"{script.name} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-5000:]}"
         )
     return proc
-
-
-def pretrain_overrides(shards: Path, out: Path, *extra: str) -> list[str]:
-    """Quiet, short-run settings of the tiny config plus ``extra``."""
-    return [
-        f"data.data_dir={shards}",
-        f"train.output_dir={out}",
-        "train.tensorboard=false",
-        "train.eval_interval=0",
-        "train.log_interval=1",
-        "train.save_interval=1000",
-        *extra,
-    ]
 
 
 def pretrain(
@@ -110,8 +101,8 @@ def pretrain(
     check: bool = True,
 ) -> subprocess.CompletedProcess:
     """Run the pretraining CLI (tiny config) to completion."""
-    args = ["--config", str(TINY_CONFIG), *pretrain_overrides(shards, out, *extra)]
-    return run_program(PRETRAIN, args, nproc=nproc, launcher=launcher, check=check)
+    args = ["--config", str(CONFIG), *overrides(shards, out, *extra)]
+    return run_program(SCRIPT, args, nproc=nproc, launcher=launcher, check=check)
 
 
 def records(out: Path, kind: str = "train") -> list[dict]:
@@ -122,6 +113,22 @@ def records(out: Path, kind: str = "train") -> list[dict]:
         return []
     lines = path.read_text().split("\n")[:-1]
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def losses(out: Path) -> dict[int, tuple[float, float]]:
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in records(out)}
+
+
+def trained_run(
+    factory: pytest.TempPathFactory, name: str, shards: Path, *extra: str, nproc: int = 1
+) -> Path:
+    """A finished tiny run (``train.steps=3`` unless overridden), trained once per session."""
+    out = factory.getbasetemp() / "trained_runs" / name
+    if not (out / "complete").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        launcher = "torchrun" if nproc > 1 else "python"
+        pretrain(shards, out, "train.steps=3", *extra, nproc=nproc, launcher=launcher)
+    return out
 
 
 def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -142,9 +149,9 @@ def run_and_signal_one_rank(
     """Run ``script`` under torchrun and SIGTERM its last rank once ``after_step`` is logged
     (as a node-local preemption would: the ranks agree on the stop at the next step boundary).
     Returns the exit code and the output."""
-    cmd = [*launch_command(script, nproc, "torchrun"), *args]
+    cmd = [*command(nproc, "torchrun", script), *args]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=launch_env(), cwd=REPO
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=REPO
     )
     try:
         wait_for_step(out, after_step, proc)

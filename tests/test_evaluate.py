@@ -1,0 +1,98 @@
+"""vqmoe-evaluate: the rolling text windows equal lm-evaluation-harness' own, held-out shards and
+text files give consistent loss / perplexity / bits per byte with routing statistics in both
+routing modes, and evaluation at EP = 2 (uneven data-parallel split) or TP = 2 equals one
+process."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from convert_helpers import assert_one_error_line, cli, other_tokenizer, run_of, shards
+from data_helpers import FIXTURE, shard_settings
+
+from vqmoe_megatron.data.sharding import build_shards
+from vqmoe_megatron.evaluate import rolling_windows, window_batches
+
+TEXTS = [FIXTURE / "1790_george_washington_n.txt", FIXTURE / "1791_george_washington_n.txt"]
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 8, 9, 16, 17, 30])
+def test_rolling_windows_equal_lm_eval(count):
+    utils = pytest.importorskip("lm_eval.utils")
+    tokens = list(range(10, 10 + count))
+    ours = rolling_windows(tokens, prefix=2, length=8)
+    theirs = [
+        utils.make_disjoint_window(pair)
+        for pair in utils.get_rolling_token_windows(tokens, 2, max_seq_len=8, context_len=1)
+    ]
+    assert len(ours) == len(theirs)
+    for (window, scored), (context, continuation) in zip(ours, theirs):
+        full = (context + continuation)[-9:]
+        assert window == full and scored == len(continuation)
+    assert sum(scored for _, scored in ours) == count
+
+
+def test_window_batches_mask_only_the_scored_targets():
+    windows = [([2, 10, 11, 12], 3), ([11, 12, 13], 1)]
+    (batch,) = window_batches(windows, batch_size=4, pad_id=3, length=4)
+    assert batch["tokens"].tolist() == [[2, 10, 11, 12, 3], [11, 12, 13, 3, 3]]
+    assert batch["loss_mask"].tolist() == [[1, 1, 1, 0], [0, 1, 0, 0]]
+
+
+def _evaluate(tmp_path, name, *args, nproc=1):
+    out = tmp_path / f"{name}.json"
+    proc = cli("vqmoe_megatron.evaluate", *args, "--json", out, nproc=nproc)
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("routing", ["pretrain", "discrete"])
+def test_evaluate_shards_and_text(tmp_path_factory, tmp_path, routing):
+    run = run_of(tmp_path_factory, "ep1_zero1")
+    data = shards(tmp_path_factory)
+    result, stdout = _evaluate(
+        tmp_path, "shards", "--checkpoint", run, "--data-dir", data, "--routing", routing
+    )
+    manifest = json.loads((data / "manifest.json").read_text())["splits"]["valid"]
+    assert result["routing"] == routing
+    assert result["ppl"] == pytest.approx(math.exp(result["loss"]), rel=1e-9)
+    assert result["bpb"] == pytest.approx(
+        result["loss"] * result["tokens"] / math.log(2) / result["bytes"], rel=1e-9
+    )
+    assert abs(result["tokens"] - manifest["tokens"]) <= manifest["samples"]
+    layers = result["layers"]
+    assert sorted(layers) == ["1", "2"]
+    assert layers["1"]["rows_per_token"] == pytest.approx(2.0 if routing == "pretrain" else 1.0)
+    assert ("gate_discrete" in layers["1"]) == (routing == "pretrain")
+    assert "code ppl" in stdout and f"bpb {result['bpb']:.4f}" in stdout
+    text, _ = _evaluate(
+        tmp_path, "text", "--checkpoint", run, "--text", *TEXTS, "--routing", routing
+    )
+    assert text["bytes"] == sum(len(p.read_bytes()) for p in TEXTS)
+    assert 0 < text["bpb"] < 10 and math.isfinite(text["loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", [("--expert-parallel", "2"), ("--tensor-parallel", "2")])
+def test_parallel_evaluation_equals_one_process(tmp_path_factory, tmp_path, layout):
+    run = run_of(tmp_path_factory, "ep2_zero2")
+    args = ("--checkpoint", run, "--text", *TEXTS, "--batch-size", "7")
+    single, _ = _evaluate(tmp_path, "one", *args)
+    double, _ = _evaluate(tmp_path, "two", *args, *layout, nproc=2)
+    assert ("EP 2" if "--expert-parallel" in layout else "TP 2") in double["layout"]
+    assert double["tokens"] == single["tokens"]
+    assert double["loss"] == pytest.approx(single["loss"], rel=1e-6)
+    assert double["layers"]["1"]["tokens"] == single["layers"]["1"]["tokens"]
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_data_of_another_vocabulary(tmp_path_factory, tmp_path):
+    run = run_of(tmp_path_factory, "ep1_zero1")
+    other = tmp_path / "shards"
+    settings = shard_settings(tmp_path_factory, other, tokenizer=str(other_tokenizer(tmp_path)))
+    build_shards(settings, progress=False, log=lambda _: None)
+    proc = cli("vqmoe_megatron.evaluate", "--checkpoint", run, "--data-dir", other, check=False)
+    assert_one_error_line(proc, "vocab_size", "384", "400")
