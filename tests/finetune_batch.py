@@ -12,13 +12,9 @@ from vqmoe_megatron.model import build_model
 
 
 def tiny_classifier(parallel: ParallelConfig, pooling: str) -> SequenceClassifier:
-    """Discrete-routing tiny GPT + 3-way head in float64, frozen codebook, no dropout.
-
-    Without the VQ loss: under sequence parallelism each TP rank averages it over its own slice
-    of the sequence, which equals the one-process mean only when every slice holds as many real
-    tokens (no padding), as in pretraining, not in these padded batches.
-    """
-    moe = moe_variant(routing_mode="discrete", expert_input="paper", vq_loss_in_discrete=False)
+    """Discrete-routing tiny GPT + 3-way head in float64, frozen codebook, VQ loss on (its mean
+    runs over the real tokens of all sequence-parallel slices), no dropout."""
+    moe = moe_variant(routing_mode="discrete", expert_input="paper")
     gpt = build_model(TINY_MODEL, moe, parallel, seed=11)
     freeze_unused(gpt, train_codebook=False)
     return SequenceClassifier(gpt, 3, pooling, dropout=0.0, seed=5).double()

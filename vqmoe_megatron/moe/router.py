@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import ProcessGroupCollection
@@ -138,6 +139,7 @@ class VQMoERouter(MegatronModule):
         self.num_experts = config.num_moe_experts
         self.layer_number: Optional[int] = None
         self.tp_dp_cp_group = pg_collection.tp_dp_cp
+        self.tp_cp_group = pg_collection.tp_cp
         self.tp_cp_size = pg_collection.tp_cp.size()
         sp = config.sequence_parallel
         self.quantizer = VectorQuantizer(
@@ -250,14 +252,23 @@ class VQMoERouter(MegatronModule):
             return None
         if self.mode == "discrete" and not self.config.vqmoe_loss_in_discrete:
             return None
-        loss = self.quantizer.loss(
-            x, codes, valid, offset if self.quantizer.distance == "l2" else None
-        )
-        metrics.record(self.layer_number, "vq_loss_sum", loss)
-        metrics.record(self.layer_number, "micro_batches", torch.ones((), device=x.device))
-        # Under sequence parallelism each TP rank holds a slice of the sequence and the
-        # gradients of replicated parameters are summed over TP: scale like megatron's z-loss.
-        return loss * (self.config.vqmoe_loss_coeff / self.tp_cp_size)
+        # Under sequence parallelism each TP rank holds a slice of the sequence and the gradients
+        # of replicated parameters are summed over TP: each rank's loss is its share of the mean
+        # over the valid tokens of all slices (which may hold different amounts of padding).
+        if valid is None:
+            total = x.shape[0] * self.tp_cp_size
+        else:
+            total = valid.sum().to(torch.float64)
+            if self.tp_cp_size > 1:
+                dist.all_reduce(total, group=self.tp_cp_group)
+            total = total.clamp(min=1)
+        offset = offset if self.quantizer.distance == "l2" else None
+        loss = self.quantizer.loss(x, codes, valid, offset, total)
+        if metrics.enabled():
+            metrics.record(self.layer_number, "vq_loss_sum", loss)
+            shares = torch.full((), 1.0 / self.tp_cp_size, device=x.device)
+            metrics.record(self.layer_number, "micro_batches", shares)
+        return loss * self.config.vqmoe_loss_coeff
 
     def forward(
         self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor] = None

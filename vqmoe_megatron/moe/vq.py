@@ -14,7 +14,7 @@ hold a replica of the codebook and see different tokens: tensor x data x context
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -229,18 +229,21 @@ class VectorQuantizer(nn.Module):
         codes: torch.Tensor,
         valid: Optional[torch.Tensor] = None,
         offset: Optional[torch.Tensor] = None,
+        total: Optional[Union[int, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """VQ-VAE loss ``||sg(x) - c||^2 + beta ||x - sg(c)||^2``, mean over valid tokens and dims.
 
-        ``valid`` [T] bool excludes padding tokens. ``offset`` is ``q - x`` from
-        :meth:`quantize` if the caller has it (L2 only). With cosine distance both sides are unit
-        vectors, so codes learn directions.
+        ``valid`` [T] bool excludes padding tokens. ``total`` is the number of valid tokens the
+        mean runs over (default: this call's); a sequence-parallel caller passes the count over
+        all its ranks, so that the ranks' losses add up to the mean of the whole sequence.
+        ``offset`` is ``q - x`` from :meth:`quantize` if the caller has it (L2 only). With
+        cosine distance both sides are unit vectors, so codes learn directions.
         """
         dtype = _compute_dtype(x)
-        if valid is None:
-            weights = x.new_full((x.shape[0],), 1.0 / (x.shape[0] * x.shape[1]), dtype=dtype)
-        else:
-            weights = valid.to(dtype) / (valid.sum().clamp(min=1) * x.shape[1])
+        if total is None:
+            total = x.shape[0] if valid is None else valid.sum().clamp(min=1)
+        keep = x.new_ones(x.shape[0], dtype=dtype) if valid is None else valid.to(dtype)
+        weights = keep / (total * x.shape[1])
         if self.distance == "l2":
             if offset is None:
                 offset = self.quantize(x, codes) - x.detach().to(dtype)
