@@ -10,14 +10,17 @@ from typing import Any, Optional
 from vqmoe_megatron.config import ConfigError, PretrainConfig, load_config
 
 
-def _quiet_third_party_warnings() -> None:
-    """megatron and DeepSpeed warn about missing optional GPU packages on every import."""
+def quiet_third_party_warnings() -> None:
+    """megatron and DeepSpeed warn about missing optional GPU packages on every import, and
+    megatron's checkpoint reader about torch APIs it still uses; none of it is actionable."""
     for pattern in (
         "Apex is not installed",
         "Transformer Engine and Apex",
         "full scope is deprecated",
     ):
         warnings.filterwarnings("ignore", message=f".*{pattern}.*")
+    for module in ("megatron.core.dist_checkpointing", "torch.distributed.checkpoint"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
 
 
 MAX_ERROR_CHARS = 800
@@ -89,7 +92,7 @@ def run_pretraining(
     world_size: Optional[int] = None,
 ) -> int:
     """Load the config, then dry-run or train; returns the exit code."""
-    _quiet_third_party_warnings()
+    quiet_third_party_warnings()
     try:
         cfg = load_config(PretrainConfig, config_path, overrides)
     except ConfigError as exc:
@@ -125,7 +128,7 @@ def _train(build: Callable[[], Any]) -> int:
 def run_finetuning(config_path: Optional[str], overrides: Sequence[str]) -> int:
     """Resolve the fine-tuning config against the pretrained checkpoint, then fine-tune;
     returns the exit code."""
-    _quiet_third_party_warnings()
+    quiet_third_party_warnings()
     from vqmoe_megatron.finetune.pretrained import load_finetune_config
     from vqmoe_megatron.finetune.trainer import GlueFinetuner
 

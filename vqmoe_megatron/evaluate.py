@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from vqmoe_megatron.cli import _quiet_third_party_warnings, fail
+from vqmoe_megatron.cli import fail, quiet_third_party_warnings
 
 ROUTING_COLUMNS = (
     ("tokens", "tokens", "{:.0f}"),
@@ -213,7 +213,7 @@ def format_result(result: dict) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``vqmoe-evaluate``; returns the exit code (2 with one ``error:`` line)."""
-    _quiet_third_party_warnings()
+    quiet_third_party_warnings()
     args = _parser().parse_args(argv)
     if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
         return fail("--batch-size and --max-batches must be at least 1")

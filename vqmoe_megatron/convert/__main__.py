@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from vqmoe_megatron.cli import _quiet_third_party_warnings, fail
+from vqmoe_megatron.cli import fail, quiet_third_party_warnings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -290,7 +290,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``vqmoe-convert``; returns the exit code (2 with one ``error:`` line)."""
-    _quiet_third_party_warnings()
+    quiet_third_party_warnings()
     args = _parser().parse_args(argv)
     from vqmoe_megatron.config import ConfigError
     from vqmoe_megatron.convert.verify import VerificationError
