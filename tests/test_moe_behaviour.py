@@ -160,6 +160,8 @@ def test_routing_metrics_are_collected(mode, rows):
     assert 1.0 <= stats["code_perplexity"] <= 8.0
     assert 0 <= stats["dead_codes"] <= 7
     assert stats["imbalance"] >= 1.0
+    assert len(stats["expert_load"]) == 4 and sum(stats["expert_load"]) == pytest.approx(1.0)
+    assert max(stats["expert_load"]) * 4 == pytest.approx(stats["imbalance"])
     assert stats["vq_loss"] > 0
     if mode == "pretrain":
         assert 0 < stats["gate_discrete"] < 1

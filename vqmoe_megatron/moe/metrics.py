@@ -8,6 +8,7 @@ whenever TP > 1), derives the reported statistics and clears the accumulators.
 Reported per layer (keys of the returned dicts):
 - ``tokens``: routed tokens; ``rows_per_token``: expert rows per token (1 discrete, ~2 pretrain);
 - ``imbalance``: max / mean rows per expert (1.0 is perfectly balanced);
+- ``expert_load``: each expert's share of the rows (a list; sums to 1);
 - ``router_entropy``: mean entropy (nats) of the router's softmax over all experts;
 - ``code_perplexity``: exp(entropy of code usage); ``K`` when all codes are used uniformly;
 - ``dead_codes``: codes with no token in the window;
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -66,7 +67,9 @@ def _entropy(counts: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-def summarize(group: Optional[dist.ProcessGroup] = None) -> dict[int, dict[str, float]]:
+def summarize(
+    group: Optional[dist.ProcessGroup] = None,
+) -> dict[int, dict[str, Union[float, list[float]]]]:
     """Reduce the sums over ``group`` (default: world), derive the metrics, clear the sums.
 
     Every rank must call this at the same time (it is a collective when distributed).
@@ -76,16 +79,17 @@ def summarize(group: Optional[dist.ProcessGroup] = None) -> dict[int, dict[str, 
         for layer in layers:
             for name in sorted(_SUMS[layer]):
                 dist.all_reduce(_SUMS[layer][name], group=group)
-    out: dict[int, dict[str, float]] = {}
+    out: dict[int, dict[str, Union[float, list[float]]]] = {}
     for layer in layers:
         s = {k: v.cpu() for k, v in _SUMS[layer].items()}
         tokens = float(s.get("tokens", torch.tensor(0.0)))
-        stats: dict[str, float] = {"tokens": tokens}
+        stats: dict[str, Union[float, list[float]]] = {"tokens": tokens}
         if "expert_rows" in s:
             rows = s["expert_rows"]
             stats["rows_per_token"] = float(rows.sum()) / max(tokens, 1.0)
             mean = float(rows.mean())
             stats["imbalance"] = float(rows.max()) / mean if mean > 0 else 0.0
+            stats["expert_load"] = (rows / rows.sum().clamp(min=1)).tolist()
         if "code_counts" in s:
             counts = s["code_counts"]
             stats["code_perplexity"] = math.exp(_entropy(counts))
