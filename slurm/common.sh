@@ -7,9 +7,11 @@
 # the address (NodeAddr) of the allocation's first node.
 #
 # Signals, checkpoints, requeue (settled on a real 2-node slurm: tests/test_slurm_scripts.py)
-# - The sbatch scripts ask for `--signal=USR1@<secs>`: <secs> before the time limit (give or take
-#   slurm's 30-60 s check interval), slurm sends SIGUSR1 to every process of every job step, not
-#   to this batch shell. `scancel --signal=USR1 <jobid>` does the same by hand.
+# - The sbatch scripts ask for `--signal=USR1@<secs>`: <secs> before the time limit (up to 60 s
+#   early, or one 30 s check interval late), slurm sends SIGUSR1 to every process of every job
+#   step, not to this batch shell. `scancel --signal=USR1 <jobid>` does the same by hand. Slurm
+#   sends it once: one that comes before the training processes are up is lost, so keep <secs>
+#   well below the time limit minus the start-up time.
 # - The step's processes are the per-node launcher and the training processes. Neither torchrun
 #   nor the DeepSpeed launcher handles SIGUSR1, so by default it kills the launcher (status 138);
 #   srun then terminates the step while the training processes are saving: with proctrack/cgroup

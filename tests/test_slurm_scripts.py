@@ -94,18 +94,21 @@ def test_time_limit_signal_from_sbatch_header_reaches_training(
 ) -> None:
     """The `--signal=USR1@secs` path itself (slurm's timer, no scancel), via pretrain_small.sh.
 
-    A 3-minute limit with the signal due 160 s before it: slurm sends it 20 s into the run, or
-    up to its 30 s check interval later; the requeued run resumes and completes well before.
+    A 4-minute limit with the signal due 150 s before it, i.e. 90 s into the run. Slurm may send
+    it up to 60 s early (sbatch(1), --signal) or one 30 s check interval late, so it lands 30 to
+    120 s in: after the training processes are up (a signal sent before the job step exists is
+    lost, and slurm does not send it twice) and before they give up waiting at 190 s. The
+    requeued run resumes and completes well within its own limit.
     """
     out, log = tmp_path / "run", tmp_path / "job.out"
     job = slurm_cluster.submit(
         SLURM_DIR / "pretrain_small.sh",
-        env=standin.script_env(out, extra="standin.wait_for_signal=150"),
-        args=[*CPU_NODE_ARGS, "--time=3", "--signal=USR1@160", f"--output={log}"],
+        env=standin.script_env(out, extra="standin.wait_for_signal=190"),
+        args=[*CPU_NODE_ARGS, "--time=4", "--signal=USR1@150", f"--output={log}"],
         script_args=["train.steps=7"],
     )
 
-    assert slurm_cluster.wait(job, timeout=300) == "COMPLETED", log.read_text()
+    assert slurm_cluster.wait(job, timeout=420) == "COMPLETED", log.read_text()
     signalled = _events(out, "signal", 0)
     assert [e["signal"] for e in signalled] == ["SIGUSR1"], log.read_text()
     assert int(slurm_cluster.job(job)["Restarts"]) >= 1
@@ -117,7 +120,7 @@ def test_time_limit_signal_from_sbatch_header_reaches_training(
         f"train.output_dir={out}",
         "data.data_dir=data/shards",
         "train.steps=7",
-        "standin.wait_for_signal=150",
+        "standin.wait_for_signal=190",
     ]
 
 
