@@ -2,6 +2,7 @@
 
 ``vq`` (codebook) -> ``router`` (continuous router, VQ routing, gate -> RoutingPlan) ->
 ``dispatcher`` (portable all-to-all) -> megatron experts -> ``layer`` (fused dispatch/combine);
+``expert_input`` builds what the discrete path's expert sees (and the stacked streams);
 ``metrics`` collects per-layer routing statistics; ``transformer_config`` carries the settings.
 """
 

@@ -29,6 +29,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from torch import nn
 
 from vqmoe_megatron.moe import metrics
+from vqmoe_megatron.moe.expert_input import expert_input, stacked_streams
 from vqmoe_megatron.moe.transformer_config import VQMoETransformerConfig
 from vqmoe_megatron.moe.vq import VectorQuantizer
 
@@ -226,20 +227,22 @@ class VQMoERouter(MegatronModule):
 
     # ----------------------------------------------------------------------------- routing
     def _expert_input(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """x_d for the configured expert input ('paper', 'token' or 'quantized'), dtype of x.
+        """x_d [T, H] for the configured expert input, dtype of x (``expert_input`` module).
 
-        ``offset`` is ``sg(q - x)``: every variant passes gradient to x only (0.95 for 'paper').
+        ``offset`` is ``sg(q - x)``: every variant passes gradient to x only.
         """
-        kind = self.config.vqmoe_expert_input
-        if kind == "token":
-            x_d = x
-        elif kind == "quantized":
-            x_d = x + offset.to(x.dtype)
-        else:  # (1 - rho) x + rho * sg(q - x), one fused op
-            x_d = torch.lerp(x, offset.to(x.dtype), self.config.vqmoe_contrib_rate)
+        cfg = self.config
+        x_d = expert_input(x, offset, cfg.vqmoe_expert_input, cfg.vqmoe_contrib_rate)
         if self.discrete_norm_in is not None:
             x_d = self.discrete_norm_in(x_d)
         return x_d
+
+    def _stacked_streams(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """``[x; x_d]`` [2T, H]: the continuous path's rows, then the discrete path's."""
+        if self.discrete_norm_in is not None:
+            return torch.cat([x, self._expert_input(x, offset)], dim=0)
+        cfg = self.config
+        return stacked_streams(x, offset, cfg.vqmoe_expert_input, cfg.vqmoe_contrib_rate)
 
     def _vq_aux_loss(
         self,
@@ -294,13 +297,12 @@ class VQMoERouter(MegatronModule):
         offset = self.quantizer.quantize(x, codes) - x.detach().to(
             torch.promote_types(x.dtype, torch.float32)
         )
-        x_d = self._expert_input(x, offset)
         aux_loss = self._vq_aux_loss(x, codes, valid, offset)
         post_norm = self.discrete_norm_out is not None
 
         if self.mode == "discrete":
             plan = RoutingPlan(
-                hidden=x_d.view(seq, batch, width),
+                hidden=self._expert_input(x, offset).view(seq, batch, width),
                 probs=onehot_d.to(torch.float32),
                 routing_map=onehot_d,
                 num_streams=1,
@@ -329,7 +331,7 @@ class VQMoERouter(MegatronModule):
             weight_d = torch.ones_like(g_d) if post_norm else g_d
             static_rows = self.config.moe_expert_capacity_factor is None
             plan = RoutingPlan(
-                hidden=torch.cat([hidden, x_d.view(seq, batch, width)], dim=0),
+                hidden=self._stacked_streams(x, offset).view(2 * seq, batch, width),
                 probs=torch.cat([g_c * probs_c, weight_d * onehot_d], dim=0),
                 routing_map=torch.cat([map_c, onehot_d], dim=0),
                 num_streams=2,

@@ -94,9 +94,9 @@ class _SquaredVQLoss(torch.autograd.Function):
     """``sum_t w_t (||sg(x_t) - c_k||^2 + beta ||x_t - sg(c_k)||^2)`` from ``offset = c_k - x_t``.
 
     The router already computed ``offset`` (without gradient) for the expert input, so the loss
-    costs one reduction forward and two multiplies backward: ``-2 beta w offset`` to x and
-    ``2 w offset`` (index-added per code) to the codebook, the same numbers as autograd through
-    the two stop-gradient terms.
+    costs one reduction forward and one pass over ``[T, H]`` backward: ``-2 beta w offset`` to x,
+    and to the codebook ``2 w offset`` index-added per code, i.e. x's gradient times
+    ``-1 / beta``: the same numbers as autograd through the two stop-gradient terms.
     """
 
     @staticmethod
@@ -110,15 +110,19 @@ class _SquaredVQLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         offset, codes, weights = ctx.saved_tensors
-        weighted = offset * weights.unsqueeze(1)
+        beta = ctx.beta
+        want_x, want_codebook = ctx.needs_input_grad[:2]
         grad_x = grad_codebook = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (weighted * (-2.0 * ctx.beta * grad)).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
-            summed = weighted.new_zeros(ctx.num_codes, weighted.shape[1]).index_add_(
-                0, codes, weighted
-            )
-            grad_codebook = (summed * (2.0 * grad)).to(ctx.dtypes[1])
+        if want_x:
+            x_rows = offset * (weights * (-2.0 * beta * grad)).unsqueeze(1)
+            grad_x = x_rows.to(ctx.dtypes[0])
+        if want_codebook:
+            if want_x and beta != 0:
+                rows, scale = x_rows, -1.0 / beta
+            else:
+                rows, scale = offset * (weights * (2.0 * grad)).unsqueeze(1), 1.0
+            summed = rows.new_zeros(ctx.num_codes, rows.shape[1]).index_add_(0, codes, rows)
+            grad_codebook = (summed * scale).to(ctx.dtypes[1])
         return grad_x, grad_codebook, None, None, None, None
 
 
