@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-EXPERT_INPUTS = ("paper", "token", "quantized")
+from vqmoe_megatron.moe.transformer_config import EXPERT_INPUTS
 
 
 def expert_input(x: torch.Tensor, offset: torch.Tensor, kind: str, rate: float) -> torch.Tensor:
