@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from vqmoe_megatron.config import PretrainConfig, load_config
-from vqmoe_megatron.data import TokenShardLoader, load_manifest
+from vqmoe_megatron.data import TokenShardLoader, check_manifest_matches, load_manifest
 from vqmoe_megatron.distributed import destroy_distributed, init_distributed
 from vqmoe_megatron.model import build_model
 from vqmoe_megatron.moe import metrics
+from vqmoe_megatron.training.codebook import write_codebook_rows
 from vqmoe_megatron.training.engine import LanguageModel, initialize_engine
 from vqmoe_megatron.training.flops import flops_per_token, model_size
 
@@ -86,18 +87,20 @@ def main() -> None:
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     data_dir = Path(args.data_dir) if args.data_dir else fixture_shards(cfg.model.seq_length)
     manifest = load_manifest(data_dir)
-    cfg = replace(cfg, model=replace(cfg.model, vocab_size=manifest.vocab_size))
+    if cfg.model.vocab_size is None:
+        cfg = replace(cfg, model=replace(cfg.model, vocab_size=manifest.vocab_size))
+    check_manifest_matches(
+        manifest, vocab_size=cfg.model.vocab_size, seq_length=cfg.model.seq_length
+    )
     init_distributed(1, 1, seed=cfg.train.seed)
     metrics.set_enabled(False)
     engines = {}
     for name, variant in variants(cfg).items():
         gpt = build_model(variant.model, variant.moe, variant.parallel, seed=cfg.train.seed)
-        engines[name] = (
-            variant,
-            initialize_engine(
-                LanguageModel(gpt, manifest.pad_id), gpt, variant.train, cfg.data.micro_batch_size
-            ),
+        engine = initialize_engine(
+            LanguageModel(gpt, manifest.pad_id), gpt, variant.train, cfg.data.micro_batch_size
         )
+        engines[name] = (variant, gpt, engine)
     loader = TokenShardLoader(
         data_dir,
         "train",
@@ -111,11 +114,13 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in engines}
     for step in range(args.warmup + args.steps):
         tokens = next(batches)["tokens"]
-        for name, (_, engine) in engines.items():
+        for name, (_, gpt, engine) in engines.items():
             start = time.perf_counter()
             loss, _, _ = engine(tokens)
             engine.backward(loss)
             engine.step()
+            # the trainers' per-step codebook upkeep (usage counts, EMA, dead-code restarts)
+            gpt.maintain_codebooks(step + 1, cfg.train.seed, write_codebook_rows(engine))
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     tokens_per_step = cfg.data.micro_batch_size * cfg.model.seq_length
@@ -129,7 +134,7 @@ def main() -> None:
         f"{'variant':30s} {'active params':>14s} {'GFLOP/token':>12s} {'tokens/s':>10s} {'time vs top-2':>14s}"
     )
     results = {}
-    for name, (variant, _) in engines.items():
+    for name, (variant, _, _) in engines.items():
         median = statistics.median(times[name])
         active = model_size(variant.model, variant.moe).active
         gflops = flops_per_token(variant.model, variant.moe, variant.model.seq_length) / 1e9

@@ -328,7 +328,6 @@ def build_mlp_block(
     *,
     seed: int,
     moe_layer: bool = True,
-    layer_number: int = 1,
 ):
     """One stand-alone MLP block (MoE layer or dense MLP) exactly as the model builds it.
 
@@ -340,7 +339,7 @@ def build_mlp_block(
     spec = _layer_spec(config, moe=moe_layer, use_te=use_transformer_engine(model)).submodules.mlp
     block = build_module(spec, config=config)
     if moe_layer:
-        block.set_layer_number(layer_number)
+        block.set_layer_number(1)
         block.reset_parameters(seed)
     return block
 

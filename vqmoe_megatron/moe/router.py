@@ -265,7 +265,6 @@ class VQMoERouter(MegatronModule):
             if self.tp_cp_size > 1:
                 dist.all_reduce(total, group=self.tp_cp_group)
             total = total.clamp(min=1)
-        offset = offset if self.quantizer.distance == "l2" else None
         loss = self.quantizer.loss(x, codes, valid, offset, total)
         if metrics.enabled():
             metrics.record(self.layer_number, "vq_loss_sum", loss)
@@ -294,9 +293,7 @@ class VQMoERouter(MegatronModule):
             codes if self.quantizer.num_codes == self.num_experts else self.code_to_expert[codes]
         )
         onehot_d = F.one_hot(expert_d, self.num_experts).bool()
-        offset = self.quantizer.quantize(x, codes) - x.detach().to(
-            torch.promote_types(x.dtype, torch.float32)
-        )
+        offset = self.quantizer.offset(x, codes)
         aux_loss = self._vq_aux_loss(x, codes, valid, offset)
         post_norm = self.discrete_norm_out is not None
 

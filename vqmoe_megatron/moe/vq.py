@@ -214,18 +214,19 @@ class VectorQuantizer(nn.Module):
         return scores.argmax(dim=1)
 
     @torch.no_grad()
-    def quantize(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """The code vector q of each token, [T, H] (>= fp32), without gradient.
+    def offset(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """``q - x`` for the code vector q of each token, [T, H] (>= fp32), without gradient.
 
         Every expert-input variant stops the gradient through q (METHOD.md), so no graph is
         built here; the codebook learns through :meth:`loss`. With cosine distance the code's
         direction is placed at the token's norm, on the scale of the residual stream.
         """
         dtype = _compute_dtype(x)
+        xf = x.detach().to(dtype)
         q = self.codebook[codes].to(dtype)
         if self.distance == "cosine":
-            q = F.normalize(q, dim=-1) * x.to(dtype).norm(dim=-1, keepdim=True)
-        return q
+            q = F.normalize(q, dim=-1) * xf.norm(dim=-1, keepdim=True)
+        return q - xf
 
     def loss(
         self,
@@ -240,7 +241,7 @@ class VectorQuantizer(nn.Module):
         ``valid`` [T] bool excludes padding tokens. ``total`` is the number of valid tokens the
         mean runs over (default: this call's); a sequence-parallel caller passes the count over
         all its ranks, so that the ranks' losses add up to the mean of the whole sequence.
-        ``offset`` is ``q - x`` from :meth:`quantize` if the caller has it (L2 only). With
+        ``offset`` is :meth:`offset` if the caller has it (L2 only). With
         cosine distance both sides are unit vectors, so codes learn directions.
         """
         dtype = _compute_dtype(x)
@@ -250,7 +251,7 @@ class VectorQuantizer(nn.Module):
         weights = keep / (total * x.shape[1])
         if self.distance == "l2":
             if offset is None:
-                offset = self.quantize(x, codes) - x.detach().to(dtype)
+                offset = self.offset(x, codes)
             return _SquaredVQLoss.apply(
                 x, self.codebook, codes, weights, offset, self.commitment_cost
             )
