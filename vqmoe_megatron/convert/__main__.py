@@ -167,12 +167,11 @@ def run_consolidated(args: argparse.Namespace) -> dict:
 
 def run_hf(args: argparse.Namespace) -> dict:
     """Load the source in one process, write the HF directory, reload it with transformers."""
-    from vqmoe_megatron.convert.consolidated import persistent_buffers
+    from vqmoe_megatron.convert.consolidated import full_state_dict
     from vqmoe_megatron.convert.hf import check_exportable, load_hf, write_hf
     from vqmoe_megatron.convert.source import load_model, open_source, probe_tokens, with_layout
     from vqmoe_megatron.convert.verify import compare_logits, project_logits
     from vqmoe_megatron.distributed import init_distributed
-    from vqmoe_megatron.parallel_tensors import gather_full_tensors
 
     layout = init_distributed(1, 1)
     if layout.world_size > 1:
@@ -182,12 +181,11 @@ def run_hf(args: argparse.Namespace) -> dict:
     routing = args.routing or source.cfg.moe.routing_mode
     cfg = with_layout(source.cfg, 1, 1, routing)
     gpt = load_model(source, cfg)
-    buffers = {name: value.cpu() for name, value in persistent_buffers(gpt).items()}
-    tensors = {**gather_full_tensors(gpt), **buffers}
+    tensors = full_state_dict(gpt)
     probes = probe_tokens(source)
 
     def write(staging: Path) -> dict:
-        write_hf(tensors, cfg, source.tokenizer, routing, staging)
+        write_hf(tensors, cfg, source.tokenizer, staging)
         diff = None
         if not args.no_verify:
             with torch.no_grad():

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from vqmoe_megatron.config import ConfigError, PretrainConfig, dump_yaml, load_config
-from vqmoe_megatron.parallel_tensors import gather_full_tensors, shard_full_tensors
+from vqmoe_megatron.parallel_tensors import gather_full_tensors, is_expert_param, shard_full_tensors
 from vqmoe_megatron.training.checkpoint import (
     CheckpointError,
     check_signature,
@@ -59,6 +59,12 @@ def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def full_state_dict(gpt: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters at their global shapes and persistent buffers, on CPU (collective)."""
+    buffers = {k: v.detach().cpu().contiguous() for k, v in persistent_buffers(gpt).items()}
+    return {**gather_full_tensors(gpt), **buffers}
+
+
 def write_consolidated(
     gpt: torch.nn.Module,
     cfg: PretrainConfig,
@@ -66,14 +72,14 @@ def write_consolidated(
     tokenizer_model: Optional[Path] = None,
 ) -> Path:
     """Write ``gpt`` (any layout) as a consolidated directory; collective, rank 0 writes."""
-    tensors = {name: t.float() for name, t in gather_full_tensors(gpt).items()}
+    params = {name for name, _ in gpt.named_parameters()}
+    tensors = {k: v.float() if k in params else v for k, v in full_state_dict(gpt).items()}
     rank = dist.get_rank() if dist.is_initialized() else 0
     out_dir = Path(out_dir)
     if rank == 0:
-        buffers = {k: v.detach().cpu().contiguous() for k, v in persistent_buffers(gpt).items()}
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / f"{WEIGHTS}.tmp"
-        save_file({**tensors, **buffers}, str(tmp), metadata={"format": "vqmoe-consolidated-v1"})
+        save_file(tensors, str(tmp), metadata={"format": "vqmoe-consolidated-v1"})
         tmp.replace(out_dir / WEIGHTS)
         dump_yaml(cfg, out_dir / CONFIG)
         if tokenizer_model is not None:
@@ -108,7 +114,8 @@ def pretrained_config(path: Path) -> PretrainConfig:
 def load_full_tensors(gpt: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Load full global tensors into ``gpt`` at its layout; router/gate extras are dropped."""
     wanted = set(gpt.state_dict())
-    extra = [k for k in tensors if k not in wanted and not _is_global_expert_key(k)]
+    # experts of other EP ranks appear under global names this rank does not hold
+    extra = [k for k in tensors if k not in wanted and not is_expert_param(k)]
     unexpected = [k for k in extra if not any(part in k for part in ROUTER_ONLY_KEYS)]
     if unexpected:
         raise CheckpointError(
@@ -137,13 +144,6 @@ def load_full_tensors(gpt: torch.nn.Module, tensors: dict[str, torch.Tensor], so
             f"other shapes, e.g. {'; '.join(wrong[:2])}"
         )
     gpt.load_state_dict(local, strict=False)
-
-
-def _is_global_expert_key(key: str) -> bool:
-    """Experts of other EP ranks appear under global names this rank does not hold."""
-    from vqmoe_megatron.parallel_tensors import is_expert_param
-
-    return is_expert_param(key)
 
 
 def load_pretrained(gpt: torch.nn.Module, path: Path, cfg: PretrainConfig) -> None:

@@ -41,8 +41,8 @@ def check_exportable(cfg: PretrainConfig) -> None:
         )
 
 
-def hf_config(cfg: PretrainConfig, routing: str, tokenizer: Tokenizer):
-    """The VQMoEConfig of a run in routing mode ``routing``."""
+def hf_config(cfg: PretrainConfig, tokenizer: Tokenizer):
+    """The VQMoEConfig of a run (in its ``moe.routing_mode``)."""
     from vqmoe_megatron.hf.configuration_vqmoe import VQMoEConfig
 
     model, moe = cfg.model, cfg.moe
@@ -65,7 +65,7 @@ def hf_config(cfg: PretrainConfig, routing: str, tokenizer: Tokenizer):
         expert_intermediate_size=moe.expert_ffn_hidden_size,
         moe_layer_freq=moe.layer_freq,
         num_codes=moe.num_codes or moe.num_experts,
-        routing_mode=routing,
+        routing_mode=moe.routing_mode,
         router_topk=moe.topk,
         router_pre_softmax=moe.pre_softmax,
         reference_router=moe.reference_router,
@@ -135,13 +135,10 @@ _RULES = [(re.compile(pattern), target, None) for pattern, target in _RENAMES.it
 ]
 
 
-def hf_state_dict(
-    tensors: dict[str, torch.Tensor], cfg: PretrainConfig, routing: str
-) -> dict[str, torch.Tensor]:
+def hf_state_dict(tensors: dict[str, torch.Tensor], cfg: PretrainConfig) -> dict[str, torch.Tensor]:
     """HF names -> fp32 tensors from the project's full global tensors (see the module doc).
 
-    In ``discrete`` routing the router and gate are left out; an unknown tensor is an error
-    (the mapping must account for every weight of the model).
+    An unknown tensor is an error (the mapping must account for every weight of the model).
     """
     out: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -158,8 +155,6 @@ def hf_state_dict(
             break
         else:
             raise CheckpointError(f"no HF name for tensor {key!r}: the export does not know it")
-    if routing == "discrete":
-        out = {k: v for k, v in out.items() if not re.search(r"\.mlp\.(router|gate)\.", k)}
     return out
 
 
@@ -167,24 +162,26 @@ def write_hf(
     tensors: dict[str, torch.Tensor],
     cfg: PretrainConfig,
     tokenizer: Tokenizer,
-    routing: str,
     out_dir: Path,
 ) -> None:
-    """Write the HF directory ``out_dir`` (model, config, code, tokenizer, generation config)."""
+    """Write the HF directory ``out_dir`` (model, config, code, tokenizer, generation config).
+
+    ``tensors`` are a model built in ``cfg.moe.routing_mode`` (a discrete one has no router or
+    gate); ``cfg`` must pass :func:`check_exportable`.
+    """
     from transformers import GenerationConfig
 
     from vqmoe_megatron.hf.configuration_vqmoe import VQMoEConfig
     from vqmoe_megatron.hf.modeling_vqmoe import VQMoEForCausalLM
     from vqmoe_megatron.hf.tokenization_vqmoe import VQMoETokenizer
 
-    check_exportable(cfg)
-    config = hf_config(cfg, routing, tokenizer)
+    config = hf_config(cfg, tokenizer)
     VQMoEConfig.register_for_auto_class()
     VQMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     VQMoETokenizer.register_for_auto_class("AutoTokenizer")
     with torch.device("meta"):
         model = VQMoEForCausalLM(config)
-    state = hf_state_dict(tensors, cfg, routing)
+    state = hf_state_dict(tensors, cfg)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)

@@ -94,17 +94,15 @@ def encode_split(split: GlueSplit, tokenizer: Tokenizer, max_length: int) -> Enc
 
 @dataclass
 class Batch:
-    """``input_ids`` [B, L] right-padded, ``lengths`` [B], ``labels`` [B] or None, and the
-    examples' positions in their split."""
+    """``input_ids`` [B, L] right-padded, ``lengths`` [B], ``labels`` [B] or None."""
 
     input_ids: torch.Tensor
     lengths: torch.Tensor
     labels: Optional[torch.Tensor]
-    indices: np.ndarray
 
     def to(self, device: torch.device) -> Batch:
         labels = None if self.labels is None else self.labels.to(device)
-        return Batch(self.input_ids.to(device), self.lengths.to(device), labels, self.indices)
+        return Batch(self.input_ids.to(device), self.lengths.to(device), labels)
 
 
 def collate(split: EncodedSplit, indices: np.ndarray, pad_id: int, multiple_of: int = 1) -> Batch:
@@ -116,7 +114,7 @@ def collate(split: EncodedSplit, indices: np.ndarray, pad_id: int, multiple_of: 
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     labels = None if split.labels is None else torch.from_numpy(split.labels[indices])
-    return Batch(ids, torch.tensor(lengths, dtype=torch.long), labels, np.asarray(indices))
+    return Batch(ids, torch.tensor(lengths, dtype=torch.long), labels)
 
 
 class TrainSchedule:
@@ -139,6 +137,7 @@ class TrainSchedule:
         self.seed = seed
         self.global_batch = micro_batch_size * data_parallel * accumulation
         self.steps_per_epoch = -(-num_examples // self.global_batch)
+        self._epoch_order: tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))
 
     def epoch(self, step: int) -> int:
         """0-based epoch of 1-based optimizer step ``step``."""
@@ -149,10 +148,15 @@ class TrainSchedule:
         return step % self.steps_per_epoch == 0
 
     def order(self, epoch: int) -> np.ndarray:
-        """The epoch's permutation, filled up to a whole number of global batches."""
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.num_examples)
-        return np.resize(order, self.steps_per_epoch * self.global_batch)
+        """The epoch's permutation, filled up to a whole number of global batches.
+
+        Kept for the current epoch: every step of it slices the same permutation.
+        """
+        if self._epoch_order[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.num_examples)
+            self._epoch_order = (epoch, np.resize(order, self.steps_per_epoch * self.global_batch))
+        return self._epoch_order[1]
 
     def micro_batches(self, step: int, dp_rank: int) -> list[np.ndarray]:
         """The ``accumulation`` micro-batches (example indices) of ``dp_rank`` at ``step``."""
