@@ -50,7 +50,7 @@ from vqmoe_megatron.config import PretrainConfig, dump_yaml
 from vqmoe_megatron.training.engine import (
     flat_optimizer_groups,
     full_fp32_param,
-    full_optimizer_state,
+    optimizer_state_reader,
     optimizer_steps_taken,
 )
 
@@ -264,6 +264,9 @@ def _sharded_state(
     params = {id(p): p for p in model.parameters()}
     state = {}
     owners = {}
+    read_state = None
+    if optimizer_engine is not None and not for_load:
+        read_state = optimizer_state_reader(optimizer_engine)
     for key, sh in model.sharded_state_dict().items():
         param = params.get(id(sh.data)) if isinstance(sh, ShardedTensor) else None
         if param is None:
@@ -281,10 +284,10 @@ def _sharded_state(
         for name in ADAM_KEYS:
             if for_load:
                 value = torch.empty_like(master)
+            elif read_state is None:  # before the first optimizer step Adam's moments are zero
+                value = torch.zeros_like(master)
             else:
-                value = full_optimizer_state(optimizer_engine, param, name)
-                if value is None:  # before the first optimizer step Adam's moments are zero
-                    value = torch.zeros_like(master)
+                value = read_state(param, name)
             state[f"optimizer.{name}.{key}"] = make_sharded_optimizer_tensor(
                 sh32, value.float(), f"optimizer.{name}"
             )

@@ -177,8 +177,16 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float, expert_paralle
     ]
 
 
-def deepspeed_config(train: TrainConfig, micro_batch_size: int) -> dict[str, Any]:
-    """DeepSpeed JSON config from the run config; ``train.deepspeed_config`` entries win.
+def deepspeed_config(
+    train: TrainConfig,
+    micro_batch_size: int,
+    data_parallel: int,
+    micro_batch_setting: str = "data.micro_batch_size",
+) -> dict[str, Any]:
+    """DeepSpeed JSON config from the run config; ``train.deepspeed_config`` entries win,
+    except the batch: the training loops and the token counts follow the run config's micro
+    batch (named ``micro_batch_setting`` in errors) and accumulation steps, so a JSON that
+    changes them is refused.
 
     On CPU the optimizer is torch's AdamW (``torch_adam``) so nothing is JIT-compiled.
     """
@@ -217,6 +225,23 @@ def deepspeed_config(train: TrainConfig, micro_batch_size: int) -> dict[str, Any
         except json.JSONDecodeError as exc:
             raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON ({exc})") from exc
         config = merge(config, user)
+        batch = {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": train.gradient_accumulation_steps,
+            "train_batch_size": micro_batch_size
+            * train.gradient_accumulation_steps
+            * data_parallel,
+        }
+        wrong = [
+            f"{key}={config[key]}"
+            for key, value in batch.items()
+            if config.get(key, value) != value
+        ]
+        if wrong:
+            raise ConfigError(
+                f"{path} sets {', '.join(wrong)}; set the batch with {micro_batch_setting} and "
+                "train.gradient_accumulation_steps instead"
+            )
     return config
 
 
@@ -262,10 +287,15 @@ def register_sequence_parallel_grad_hooks(model: nn.Module) -> list:
 
 
 def initialize_engine(
-    module: nn.Module, gpt: VQMoEGPTModel, train: TrainConfig, micro_batch_size: int
+    module: nn.Module,
+    gpt: VQMoEGPTModel,
+    train: TrainConfig,
+    micro_batch_size: int,
+    micro_batch_setting: str = "data.micro_batch_size",
 ) -> Any:
     """Wrap ``module`` (which holds ``gpt``, plus e.g. a task head) in a DeepSpeed engine with
-    ZeRO, AdamW and the LR schedule; expert-parallel and sequence-parallel plumbing included."""
+    ZeRO, AdamW and the LR schedule; expert-parallel and sequence-parallel plumbing included.
+    ``micro_batch_setting`` names the setting behind ``micro_batch_size`` (for errors)."""
     expert_parallel = gpt.config.expert_model_parallel_size
     if expert_parallel > 1:
         if train.zero_stage == 3:
@@ -277,7 +307,8 @@ def initialize_engine(
         module.moe_marker = DeepSpeedMoEMarker(gpt.config.num_moe_experts, expert_parallel)
     register_sequence_parallel_grad_hooks(module)
     groups = optimizer_param_groups(module, train.weight_decay, expert_parallel)
-    config = deepspeed_config(train, micro_batch_size)
+    data_parallel = parallel_state.get_data_parallel_world_size()
+    config = deepspeed_config(train, micro_batch_size, data_parallel, micro_batch_setting)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         model_parameters=groups,
@@ -334,12 +365,15 @@ def link_optimizer_state_fragments(engine: Any) -> None:
             lazy_init_hp_params_optimizer_state(lp_group, flat, state)
 
 
-def full_optimizer_state(engine: Any, param: nn.Parameter, key: str) -> Optional[torch.Tensor]:
-    """Full Adam moment ``key`` of a parameter (collective over DP); None before the first step."""
+def optimizer_state_reader(
+    engine: Any,
+) -> Optional[Callable[[nn.Parameter, str], torch.Tensor]]:
+    """``read(param, key)`` -> a parameter's full Adam moment ``key`` (collective over DP), or
+    None before the first optimizer step. Links the fragments once for all the reads after."""
     if optimizer_steps_taken(engine) == 0:
         return None
     link_optimizer_state_fragments(engine)
-    return safe_get_full_optimizer_state(param, key)
+    return safe_get_full_optimizer_state
 
 
 def write_codebook_rows(engine: Any) -> Callable[[nn.Parameter, torch.Tensor, torch.Tensor], None]:
@@ -353,11 +387,12 @@ def write_codebook_rows(engine: Any) -> Callable[[nn.Parameter, torch.Tensor, to
         safe_set_full_fp32_param(param, master)
         with torch.no_grad():
             param.copy_(master.to(param))
+        read_state = optimizer_state_reader(engine)
+        if read_state is None:
+            return
         for key in ("exp_avg", "exp_avg_sq"):
-            state = full_optimizer_state(engine, param, key)
-            if state is not None:
-                state = state.clone()
-                state[rows.to(state.device)] = 0
-                safe_set_full_optimizer_state(param, state, key)
+            state = read_state(param, key).clone()
+            state[rows.to(state.device)] = 0
+            safe_set_full_optimizer_state(param, state, key)
 
     return write
