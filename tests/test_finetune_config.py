@@ -12,8 +12,8 @@ import pytest
 from finetune.glue import parse_args
 from vqmoe_megatron.config import ConfigError, ModelConfig, MoEConfig, PretrainConfig, dump_yaml
 from vqmoe_megatron.finetune.pretrained import load_finetune_config
-from vqmoe_megatron.finetune.trainer import check_batch_settings
 from vqmoe_megatron.glue import GlueDataError
+from vqmoe_megatron.training.engine import deepspeed_config
 
 MODEL = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=400)
 
@@ -112,12 +112,12 @@ def test_a_deepspeed_config_may_not_change_the_batch(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     cfg = replace(cfg, train=replace(cfg.train, deepspeed_config=str(ds)))
-    check_batch_settings(cfg, data_parallel=4)
+    deepspeed_config(cfg.train, 8, 4, "--micro_batch_size")
     ds.write_text(json.dumps({"gradient_accumulation_steps": 4, "train_batch_size": 32}))
     with pytest.raises(ConfigError) as err:
-        check_batch_settings(cfg, data_parallel=4)
+        deepspeed_config(cfg.train, 8, 4, "--micro_batch_size")
     assert str(err.value).startswith(f"{ds} sets gradient_accumulation_steps=4")
     assert "--micro_batch_size and train.gradient_accumulation_steps" in str(err.value)
     ds.unlink()
     with pytest.raises(ConfigError, match=f"train.deepspeed_config: {ds} does not exist"):
-        check_batch_settings(cfg, data_parallel=4)
+        deepspeed_config(cfg.train, 8, 4, "--micro_batch_size")

@@ -54,7 +54,7 @@ from vqmoe_megatron.training.checkpoint import (
     model_signature,
 )
 from vqmoe_megatron.training.codebook import maintain_codebooks
-from vqmoe_megatron.training.engine import deepspeed_config, initialize_engine
+from vqmoe_megatron.training.engine import initialize_engine
 from vqmoe_megatron.training.evaluation import all_reduce_sum
 from vqmoe_megatron.training.run_logger import RunLogger, progress_line
 from vqmoe_megatron.training.trainer import (
@@ -104,26 +104,6 @@ def freeze_unused(gpt: VQMoEGPTModel, train_codebook: bool) -> None:
         weight.requires_grad_(False)
 
 
-def check_batch_settings(cfg: FinetuneConfig, data_parallel: int) -> None:
-    """The batch order is built from ``finetune.micro_batch_size`` and
-    ``train.gradient_accumulation_steps``; a DeepSpeed JSON (``--deepspeed_config``) must not
-    change the batch behind them."""
-    ds = deepspeed_config(cfg.train, cfg.finetune.micro_batch_size)
-    ours = {
-        "train_micro_batch_size_per_gpu": cfg.finetune.micro_batch_size,
-        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
-        "train_batch_size": cfg.finetune.micro_batch_size
-        * cfg.train.gradient_accumulation_steps
-        * data_parallel,
-    }
-    wrong = [f"{key}={ds[key]}" for key, value in ours.items() if ds.get(key, value) != value]
-    if wrong:
-        raise ConfigError(
-            f"{cfg.train.deepspeed_config} sets {', '.join(wrong)}; set the batch with "
-            "--micro_batch_size and train.gradient_accumulation_steps instead"
-        )
-
-
 class GlueFinetuner(LoopControl):
     """Owns one fine-tuning run (construct, then :meth:`run`)."""
 
@@ -157,7 +137,6 @@ class GlueFinetuner(LoopControl):
         steps = ft.steps or ft.epochs * self.schedule.steps_per_epoch
         train = replace(cfg.train, steps=steps, warmup_steps=round(ft.warmup_fraction * steps))
         self.cfg = cfg = replace(cfg, train=train)
-        check_batch_settings(cfg, self.dp_size)
         self.fingerprint = hashlib.sha256(
             f"{sha256_file(train_file)} {self.tokenizer.sha256} {max_length}".encode()
         ).hexdigest()
@@ -189,7 +168,9 @@ class GlueFinetuner(LoopControl):
         self.model = SequenceClassifier(
             self.gpt, self.task.num_labels, ft.pooling, ft.head_dropout, train.seed
         )
-        self.engine = initialize_engine(self.model, self.gpt, train, ft.micro_batch_size)
+        self.engine = initialize_engine(
+            self.model, self.gpt, train, ft.micro_batch_size, "--micro_batch_size"
+        )
         self.device = self.engine.device
         self.state = TrainerState(
             signature=model_signature(cfg),
