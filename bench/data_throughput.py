@@ -38,8 +38,9 @@ from vqmoe_megatron.data.tokenizer_training import TokenizerSettings, train_toke
 
 def _copies(source: Path, copies: int, folder: Path) -> Path:
     """``copies`` copies of every input file under ``folder`` (hard links where possible)."""
+    items = resolve_inputs([str(source)])
     for k in range(copies):
-        for item in resolve_inputs([str(source)]):
+        for item in items:
             target = folder / f"copy{k}" / item.path.relative_to(source.resolve())
             target.parent.mkdir(parents=True, exist_ok=True)
             try:

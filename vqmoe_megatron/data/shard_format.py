@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -133,11 +133,14 @@ def iter_shard(
     dtype: str,
     vocab_size: int,
     sha256: Optional[str] = None,
+    keep: Optional[Container[int]] = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(sample_index, ids [seq_length + 1])`` for every member of one shard, in order.
+    """Yield ``(sample_index, ids [seq_length + 1])`` for every member of one shard, in order,
+    or only for the members whose position in the shard is in ``keep``.
 
-    Checks member names, array shape, dtype and id range, and the sample count; with ``sha256``
-    also the file's checksum (checked after the last sample, before the generator finishes).
+    Checks member names and the sample count; decodes and checks array shape, dtype and id
+    range of the members it yields; with ``sha256`` also the file's checksum (checked after the
+    last sample, before the generator finishes).
     """
     if not path.is_file():
         raise DataError(
@@ -155,6 +158,9 @@ def iter_shard(
                     raise _damaged(
                         path, f"member {member['fname']!r} where {member_name(index)!r} belongs"
                     )
+                if keep is not None and count not in keep:
+                    count += 1
+                    continue
                 array = np.lib.format.read_array(io.BytesIO(member["data"]), allow_pickle=False)
                 if array.shape != (sample_length,) or array.dtype != expected_dtype:
                     raise _damaged(
