@@ -194,7 +194,7 @@ class Pretrainer(LoopControl):
     def _loader(self, split: str) -> TokenShardLoader:
         data = self.cfg.data
         return TokenShardLoader(
-            data.data_dir,
+            self.manifest,
             split,
             micro_batch_size=data.micro_batch_size,
             dp_rank=self.dp_rank,
