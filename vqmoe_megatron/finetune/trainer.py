@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -233,9 +232,7 @@ class GlueFinetuner(LoopControl):
             if not self.regression:
                 totals[1] += float((logits.argmax(dim=-1) == batch.labels).sum())
             totals[2] += len(indices)
-        nonfinite = self.engine.skipped_steps > skipped_before or not math.isfinite(totals[0])
-        (flag,) = all_reduce_sum([1.0 if nonfinite else 0.0], self.device)
-        return totals, flag > 0
+        return totals, self.step_is_nonfinite(skipped_before, totals[0])
 
     def _multiple_of(self) -> int:
         return self.cfg.parallel.tensor_parallel if self.gpt.config.sequence_parallel else 1
@@ -330,7 +327,6 @@ class GlueFinetuner(LoopControl):
         first = self.state.step + 1
         start = (time.time(), self.state.step)
         window = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss sum, correct, examples, steps, seconds
-        nonfinite_run = 0
         self.log.info(f"training steps {first}..{train.steps}")
         for step in range(first, train.steps + 1):
             began = time.perf_counter()
@@ -344,18 +340,8 @@ class GlueFinetuner(LoopControl):
                 self.log,
                 applied=self.cfg.finetune.train_codebook and not nonfinite,
             )
-            if nonfinite:
-                nonfinite_run += 1
-                self.state.skipped_steps += 1
-                self.log.warning(f"step {step}: non-finite loss, update skipped")
-                if nonfinite_run >= train.max_nonfinite_steps:
-                    raise TrainingAborted(
-                        f"{nonfinite_run} non-finite losses in a row (steps "
-                        f"{step - nonfinite_run + 1}..{step}); stopping. The last good checkpoint "
-                        f"is {self.checkpoints.latest() or 'none'}; lower --lr and restart"
-                    )
-            else:
-                nonfinite_run = 0
+            self.count_nonfinite(step, nonfinite, "lower --lr")
+            if not nonfinite:
                 window[:3] = [w + t for w, t in zip(window[:3], totals)]
             window[3] += 1
             window[4] += time.perf_counter() - began
@@ -368,7 +354,7 @@ class GlueFinetuner(LoopControl):
                 or step == train.steps
             ):
                 self._evaluate_and_keep_best(step)
-            if self.end_step(step, healthy=not nonfinite_run):
+            if self.end_step(step):
                 return 0
         self.save()
         self.finish()

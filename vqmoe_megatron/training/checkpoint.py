@@ -360,7 +360,6 @@ class CheckpointManager:
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
 
     def latest(self) -> Optional[Path]:
         """The checkpoint a restart resumes from (None: start afresh)."""

@@ -78,12 +78,42 @@ class StopRequest:
 class LoopControl:
     """What a training loop does at every step boundary and at its end, shared by pretraining
     and fine-tuning. The loop class provides ``save()`` and the attributes ``cfg`` (with
-    ``train``), ``stop`` (StopRequest), ``device``, ``out``, ``rank0``, ``log`` and ``state``."""
+    ``train``), ``stop`` (StopRequest), ``device``, ``out``, ``rank0``, ``log``, ``state`` (with
+    ``skipped_steps``), ``engine`` and ``checkpoints``."""
 
-    def end_step(self, step: int, healthy: bool) -> bool:
+    nonfinite_run = 0
+    """Non-finite steps in a row, up to the current one."""
+
+    def step_is_nonfinite(self, skipped_before: int, loss_sum: float) -> bool:
+        """Whether, on any rank (collective), DeepSpeed skipped the step that began with
+        ``skipped_before`` skipped steps, or the step's loss sum is not finite."""
+        local = self.engine.skipped_steps > skipped_before or not math.isfinite(loss_sum)
+        (flag,) = all_reduce_sum([1.0 if local else 0.0], self.device)
+        return flag > 0
+
+    def count_nonfinite(self, step: int, nonfinite: bool, remedy: str) -> None:
+        """Count a skipped (non-finite) step and warn; after ``train.max_nonfinite_steps`` in a
+        row, abort naming the last good checkpoint and ``remedy``. A finite step resets it."""
+        if not nonfinite:
+            self.nonfinite_run = 0
+            return
+        self.nonfinite_run += 1
+        self.state.skipped_steps += 1
+        run = self.nonfinite_run
+        self.log.warning(f"step {step}: non-finite loss, update skipped ({run} in a row)")
+        if run >= self.cfg.train.max_nonfinite_steps:
+            last = self.checkpoints.latest()
+            raise TrainingAborted(
+                f"{run} non-finite losses in a row (steps {step - run + 1}..{step}); stopping. "
+                f"The last good checkpoint is {last or 'none (no checkpoint was saved yet)'}; "
+                f"{remedy} and restart from it."
+            )
+
+    def end_step(self, step: int) -> bool:
         """After step ``step`` (collective): if any rank received a stop signal, checkpoint,
         let rank 0 write ``<out>/preempted``, and return True (the run then exits 0 so that slurm
-        can requeue it); else save every ``train.save_interval`` steps while ``healthy``."""
+        can requeue it); else save every ``train.save_interval`` steps unless the step was
+        non-finite."""
         stop_signal = self.stop.agreed(self.device)
         if stop_signal:
             self.save()
@@ -92,7 +122,7 @@ class LoopControl:
             self.log.info(f"stopping at step {step} on a signal; resubmit to continue")
             return True
         train = self.cfg.train
-        if step % train.save_interval == 0 and step != train.steps and healthy:
+        if step % train.save_interval == 0 and step != train.steps and not self.nonfinite_run:
             self.save()
         return False
 
@@ -238,10 +268,7 @@ class Pretrainer(LoopControl):
             self.engine.step()
             nll_total += float(nll)
             count_total += float(count)
-        skipped = self.engine.skipped_steps > skipped_before
-        nonfinite = skipped or not math.isfinite(nll_total)
-        (flag,) = all_reduce_sum([1.0 if nonfinite else 0.0], self.device)
-        return nll_total, count_total, flag > 0
+        return nll_total, count_total, self.step_is_nonfinite(skipped_before, nll_total)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -332,7 +359,6 @@ class Pretrainer(LoopControl):
         start_step = self.state.step
         start_time = time.time()
         window = {"nll": 0.0, "count": 0.0, "time": 0.0, "steps": 0}
-        nonfinite_run = 0
         self.log.info(
             f"training steps {start_step + 1}..{train.steps}: {self.tokens_per_step} tokens/step"
         )
@@ -345,22 +371,10 @@ class Pretrainer(LoopControl):
             maintain_codebooks(
                 self.gpt, self.engine, step, self.cfg.train.seed, self.log, applied=not nonfinite
             )
-            if nonfinite:
-                nonfinite_run += 1
-                self.state.skipped_steps += 1
-                self.log.warning(
-                    f"step {step}: non-finite loss, update skipped ({nonfinite_run} in a row)"
-                )
-                if nonfinite_run >= train.max_nonfinite_steps:
-                    last = self.checkpoints.latest()
-                    raise TrainingAborted(
-                        f"{nonfinite_run} non-finite losses in a row (steps "
-                        f"{step - nonfinite_run + 1}..{step}); stopping. The last good checkpoint "
-                        f"is {last or 'none (no checkpoint was saved yet)'}; lower train.lr or "
-                        "raise train.warmup_steps / train.grad_clip and restart from it."
-                    )
-            else:
-                nonfinite_run = 0
+            self.count_nonfinite(
+                step, nonfinite, "lower train.lr or raise train.warmup_steps / train.grad_clip"
+            )
+            if not nonfinite:
                 window["nll"] += nll
                 window["count"] += count
             window["time"] += time.perf_counter() - began
@@ -376,7 +390,7 @@ class Pretrainer(LoopControl):
                         f"| bpb {result['bpb']:.4f}"
                     )
                     self.log.scalars(step, result, kind="eval")
-            if self.end_step(step, healthy=not nonfinite_run):
+            if self.end_step(step):
                 return 0
         self.save()
         self.mark_complete("training complete")
