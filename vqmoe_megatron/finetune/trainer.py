@@ -214,9 +214,11 @@ class GlueFinetuner(LoopControl):
 
     # ------------------------------------------------------------------ one step
     def _train_step(self, step: int) -> tuple[list[float], bool]:
-        """One optimizer step; returns ([loss sum, correct, examples] on this rank, non-finite?)."""
+        """One optimizer step; returns ([loss sum, correct, examples] on this rank, non-finite?).
+
+        The sums stay on the device until the step ends: one host sync per step."""
         train = self.splits["train"]
-        totals = [0.0, 0.0, 0.0]
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         skipped_before = self.engine.skipped_steps
         for indices in self.schedule.micro_batches(step, self.dp_rank):
             batch = collate(train, indices, self.tokenizer.pad_id, self._multiple_of()).to(
@@ -228,10 +230,11 @@ class GlueFinetuner(LoopControl):
                 loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
-            totals[0] += loss.item() * len(indices)
+            sums[0] += loss.detach().double() * len(indices)
             if not self.regression:
-                totals[1] += float((logits.argmax(dim=-1) == batch.labels).sum())
-            totals[2] += len(indices)
+                sums[1] += (logits.argmax(dim=-1) == batch.labels).sum()
+            sums[2] += len(indices)
+        totals = sums.tolist()
         return totals, self.step_is_nonfinite(skipped_before, totals[0])
 
     def _multiple_of(self) -> int:

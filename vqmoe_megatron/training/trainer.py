@@ -255,8 +255,11 @@ class Pretrainer(LoopControl):
 
     # ------------------------------------------------------------------ one step
     def _train_step(self, batches: Iterator[dict], step: int) -> tuple[float, float, bool]:
-        """Run one optimizer step; returns (NLL sum, target count, non-finite?) on this rank."""
-        nll_total, count_total = 0.0, 0.0
+        """Run one optimizer step; returns (NLL sum, target count, non-finite?) on this rank.
+
+        The sums stay on the device until the step ends: one host sync per step, not per
+        micro-batch."""
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         skipped_before = self.engine.skipped_steps
         for _ in range(self.cfg.train.gradient_accumulation_steps):
             tokens = next(batches)["tokens"].to(self.device)
@@ -266,8 +269,9 @@ class Pretrainer(LoopControl):
                 nll = nll * float("nan")
             self.engine.backward(loss)
             self.engine.step()
-            nll_total += float(nll)
-            count_total += float(count)
+            totals[0] += nll
+            totals[1] += count
+        nll_total, count_total = totals.tolist()
         return nll_total, count_total, self.step_is_nonfinite(skipped_before, nll_total)
 
     # ------------------------------------------------------------------ evaluation
