@@ -47,30 +47,45 @@ def _ffn_params(hidden: int, ffn: int, swiglu: bool) -> int:
     return hidden * ffn * (3 if swiglu else 2)
 
 
+def _attention_weights(model: ModelConfig) -> int:
+    """QKV and output projection weights of one layer (GQA-aware)."""
+    heads = model.num_attention_heads
+    groups = model.num_query_groups or heads
+    head_dim = model.hidden_size // heads
+    return (
+        model.hidden_size * (heads + 2 * groups) * head_dim + heads * head_dim * model.hidden_size
+    )
+
+
+def _routing_weights(hidden: int, moe: MoEConfig) -> int:
+    """Weights of one MoE layer's per-token routing GEMMs: router, codebook, 2-way gate."""
+    weights = 0
+    if moe.router == "topk" or moe.routing_mode == "pretrain":
+        weights += moe.num_experts * hidden
+    if moe.router == "vqmoe":
+        weights += (moe.num_codes or moe.num_experts) * hidden
+        if moe.routing_mode == "pretrain":
+            weights += 2 * hidden
+    return weights
+
+
 def model_size(model: ModelConfig, moe: MoEConfig) -> ModelSize:
     """Closed-form parameter counts of the GPT the builder makes (bias-free linears)."""
     h, layers = model.hidden_size, model.num_layers
-    heads = model.num_attention_heads
-    groups = model.num_query_groups or heads
-    head_dim = h // heads
     vocab = padded_vocab_size(model.vocab_size, 1)
     swiglu = model.activation == "swiglu"
-    attention = h * (heads + 2 * groups) * head_dim + heads * head_dim * h
+    attention = _attention_weights(model)
     norms = 2 * h
     embedding = vocab * h * (1 if not model.untie_embeddings_and_output_weights else 2)
     expert_ffn = _ffn_params(h, moe.expert_ffn_hidden_size, swiglu)
-    codes = moe.num_codes or moe.num_experts
+    gate_bias = 2 if moe.router == "vqmoe" and moe.routing_mode == "pretrain" else 0
+    router = _routing_weights(h, moe) + gate_bias
     total = active = embedding + h  # final norm
     expert_total = 0
     for index in range(layers):
         total += attention + norms
         active += attention + norms
         if is_moe_layer(index, moe):
-            router = 0
-            if moe.router == "topk" or moe.routing_mode == "pretrain":
-                router += moe.num_experts * h
-            if moe.router == "vqmoe":
-                router += codes * h + (2 * h + 2 if moe.routing_mode == "pretrain" else 0)
             total += moe.num_experts * expert_ffn + router
             active += experts_per_token(moe) * expert_ffn + router
             expert_total += moe.num_experts * expert_ffn
@@ -90,35 +105,21 @@ def model_size(model: ModelConfig, moe: MoEConfig) -> ModelSize:
 def flops_per_token(model: ModelConfig, moe: MoEConfig, seq_length: int) -> float:
     """Training FLOPs per token (forward x 3)."""
     h = model.hidden_size
-    heads = model.num_attention_heads
-    groups = model.num_query_groups or heads
-    head_dim = h // heads
     swiglu = model.activation == "swiglu"
     vocab = padded_vocab_size(model.vocab_size, 1)
-    codes = moe.num_codes or moe.num_experts
     forward = 2.0 * h * vocab  # output projection
     for index in range(model.num_layers):
-        forward += 2.0 * (h * (heads + 2 * groups) * head_dim + heads * head_dim * h)
-        forward += 2.0 * 2 * seq_length * heads * head_dim  # QK^T and attention x V
+        forward += 2.0 * _attention_weights(model)
+        heads = model.num_attention_heads
+        forward += 2.0 * 2 * seq_length * heads * (h // heads)  # QK^T and attention x V
         if is_moe_layer(index, moe):
             forward += (
                 2.0 * experts_per_token(moe) * _ffn_params(h, moe.expert_ffn_hidden_size, swiglu)
             )
-            if moe.router == "topk" or moe.routing_mode == "pretrain":
-                forward += 2.0 * h * moe.num_experts
-            if moe.router == "vqmoe":
-                forward += 2.0 * h * codes
-                if moe.routing_mode == "pretrain":
-                    forward += 2.0 * h * 2
+            forward += 2.0 * _routing_weights(h, moe)
         else:
             forward += 2.0 * _ffn_params(h, model.ffn_hidden_size, swiglu)
     return 3.0 * forward
-
-
-def per_device_parameters(size: ModelSize, parallel: ParallelConfig) -> float:
-    """Parameters held by one device: dense ones split over TP, experts over EP x expert-TP."""
-    tp, ep = parallel.tensor_parallel, parallel.expert_parallel
-    return size.dense / tp + size.expert / (ep * tp)
 
 
 def memory_estimate_gib(
@@ -141,12 +142,12 @@ def memory_estimate_gib(
     input (``2*S*B*H`` bytes) is kept, plus one layer's activations during its backward.
     """
     size = model_size(model, moe)
-    local = per_device_parameters(size, parallel)
     tp, ep = parallel.tensor_parallel, parallel.expert_parallel
     dp = world_size // tp
     expert_dp = max(world_size // (tp * ep), 1)
-    dense_local = size.dense / tp
+    dense_local = size.dense / tp  # dense parameters split over TP, experts over EP x TP
     expert_local = size.expert / (ep * tp)
+    local = dense_local + expert_local
     weight_bytes = 2 if precision == "bf16" else 4
     optimizer_bytes = 12 if precision == "bf16" else 8
     shard_dense = dp if zero_stage >= 1 else 1
