@@ -121,10 +121,17 @@ class DataConfig:
     """WebDataset shards written by ``data_tools/shard.py``."""
 
     data_dir: Optional[str] = None
+    """A shard directory: local path, ``http(s)://`` prefix or ``pipe:`` command template."""
     micro_batch_size: int = 8
     num_workers: int = 1
     seed: int = 1234
     verify_checksums: bool = False
+    fetch_attempts: int = 4
+    """Tries per remote file (manifest or shard) before the run stops naming it."""
+    fetch_backoff_s: float = 1.0
+    """Sleep before the second try of a remote file; doubled before each further one."""
+    fetch_timeout_s: float = 120.0
+    """Per-try timeout of a remote file (HTTP connect/read, or the pipe: command)."""
 
 
 @dataclass

@@ -84,7 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="run, step or consolidated")
     data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data-dir", type=Path, help="shards written by data_tools/shard.py")
+    data.add_argument(
+        "--data-dir",
+        help="shards of data_tools/shard.py: path, http(s):// prefix or pipe: template",
+    )
     data.add_argument("--text", type=Path, nargs="+", help="raw UTF-8 text files")
     parser.add_argument("--split", default="valid", help="shard split (default: valid)")
     parser.add_argument("--routing", choices=("pretrain", "discrete"), default=None)

@@ -32,6 +32,7 @@ from megatron.core.transformer.moe.moe_utils import (
 
 from vqmoe_megatron.config import ConfigError, PretrainConfig, dump_yaml
 from vqmoe_megatron.data import DataError, TokenShardLoader, check_manifest_matches, load_manifest
+from vqmoe_megatron.data.store import FetchPolicy
 from vqmoe_megatron.distributed import ParallelLayout, destroy_distributed, init_distributed
 from vqmoe_megatron.model import VQMoEGPTModel, build_model
 from vqmoe_megatron.moe import metrics
@@ -163,7 +164,12 @@ class Pretrainer(LoopControl):
         self.layout: ParallelLayout = init_distributed(
             cfg.parallel.tensor_parallel, cfg.parallel.expert_parallel, seed=cfg.train.seed
         )
-        self.manifest = load_manifest(cfg.data.data_dir)
+        self.manifest = load_manifest(
+            cfg.data.data_dir,
+            FetchPolicy(
+                cfg.data.fetch_attempts, cfg.data.fetch_backoff_s, cfg.data.fetch_timeout_s
+            ),
+        )
         if cfg.model.vocab_size is None:
             cfg = replace(cfg, model=replace(cfg.model, vocab_size=self.manifest.vocab_size))
         check_manifest_matches(
