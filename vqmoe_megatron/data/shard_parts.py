@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,9 +52,11 @@ _BLOCK_IDS = 1 << 22
 def part_files(sizes: list[int], part: int, parts: int) -> range:
     """The input files ``[start, end)`` of part ``part`` of ``parts`` (see module docstring)."""
     total = max(sum(sizes), 1)
-    starts = np.cumsum([0, *sizes[:-1]]) if sizes else np.zeros(0, dtype=np.int64)
-    owner = starts * parts // total
-    return range(int(np.searchsorted(owner, part)), int(np.searchsorted(owner, part + 1)))
+    owners, start = [], 0
+    for size in sizes:
+        owners.append(min(start * parts // total, parts - 1))  # empty files at the end: last part
+        start += size
+    return range(bisect_left(owners, part), bisect_left(owners, part + 1))
 
 
 def part_dir(output: Path, part: int, parts: int) -> Path:
