@@ -1,12 +1,16 @@
 """Data pipeline throughput: ``python bench/data_throughput.py --help``.
 
-Side by side in one run, on the same text and the same number of cores:
-- sentencepiece's own batch encode (``encode(texts, num_threads=cores)``) of every document,
-- data_tools/shard.py end to end (``build_shards`` with ``--workers cores``: reading, decoding,
-  splitting, tokenizing, packing, writing and checksumming the shards and the manifest),
-- the loader reading the shards back (samples per second, ``num_workers`` 0 and ``cores``).
-Runs alternate between the first two and report medians, because the box may be shared; the
-CPU columns (CPU seconds per MB, all processes and threads) are what contention changes least.
+Side by side in one run, on the same text, for each ``--workers`` count W:
+- sentencepiece's own batch encode of every document with ``num_threads=W``, returning Python
+  lists (``encode(texts)``) and numpy arrays (``encode(texts, out_type="numpy")``, the faster),
+- data_tools/shard.py end to end with ``--workers W`` (``build_shards``: reading, decoding,
+  splitting, tokenizing, packing, writing and checksumming the shards and the manifest).
+Runs alternate between the three and report medians, because the box may be shared; the CPU
+ratios (CPU seconds of all processes and threads) are what contention changes least. Then:
+- the loader reading the shards back at the ``--step-config`` data settings (micro-batch,
+  ``num_workers``) and with ``num_workers=0``, in samples per second,
+- against what a training step at ``--step-config`` consumes: micro-batch / step time of the
+  real pretraining step (fwd + bwd + ZeRO-2 AdamW, one process, CPU) on those shards.
 The input is the corpus repeated ``--copies`` times (as separate files), so the fixed costs of
 a run (process start-up, manifest) weigh as much as they would on that much text, and shards
 are ``--shard-size-mb`` (8) so that, as on a corpus much larger than one shard, most of the
@@ -26,10 +30,18 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Optional
 
-from vqmoe_megatron.data import DataError, Tokenizer, TokenShardLoader
+from vqmoe_megatron.config import PretrainConfig, load_config
+from vqmoe_megatron.data import (
+    DataError,
+    Tokenizer,
+    TokenShardLoader,
+    check_manifest_matches,
+    load_manifest,
+)
 from vqmoe_megatron.data.cli import available_cpus, run_cli
 from vqmoe_megatron.data.sharding import ShardSettings, build_shards
 from vqmoe_megatron.data.sources import iter_documents, resolve_inputs
@@ -69,20 +81,71 @@ def _shard(settings: ShardSettings) -> None:
     build_shards(settings, progress=False, log=lambda _: None)
 
 
-def _loader_rate(data: Path, cores: int, batches: int, micro_batch_size: int) -> float:
+def _loader_rate(data: Path, workers: int, batches: int, micro_batch_size: int) -> float:
+    """Samples per second of the training loader (its first batch, worker start-up, excluded)."""
     loader = TokenShardLoader(
         data,
         micro_batch_size=micro_batch_size,
         dp_rank=0,
         dp_size=1,
-        num_workers=cores,
+        num_workers=workers,
         seed=0,
     )
     stream = iter(loader)
+    next(stream)
     start = time.perf_counter()
     for _ in range(batches):
         next(stream)
-    return batches * micro_batch_size / (time.perf_counter() - start)
+    rate = batches * micro_batch_size / (time.perf_counter() - start)
+    stream.close()
+    return rate
+
+
+def _step_rate(config: str, data: Path, steps: int, warmup: int) -> tuple[float, float]:
+    """(samples/s, GFLOP per token) of the real VQMoE pretraining step at ``config`` on ``data``:
+    median over ``steps`` steps after ``warmup``, one process (fwd + bwd + ZeRO-2 AdamW)."""
+    from vqmoe_megatron.distributed import destroy_distributed, init_distributed
+    from vqmoe_megatron.model import build_model
+    from vqmoe_megatron.moe import metrics
+    from vqmoe_megatron.training.codebook import write_codebook_rows
+    from vqmoe_megatron.training.engine import LanguageModel, initialize_engine
+    from vqmoe_megatron.training.flops import flops_per_token
+
+    cfg = load_config(PretrainConfig, config)
+    manifest = load_manifest(data)
+    cfg = replace(cfg, model=replace(cfg.model, vocab_size=manifest.vocab_size))
+    check_manifest_matches(
+        manifest, vocab_size=manifest.vocab_size, seq_length=cfg.model.seq_length
+    )
+    init_distributed(1, 1, seed=cfg.train.seed)
+    metrics.set_enabled(False)
+    gpt = build_model(cfg.model, cfg.moe, cfg.parallel, seed=cfg.train.seed)
+    engine = initialize_engine(
+        LanguageModel(gpt, manifest.pad_id), gpt, cfg.train, cfg.data.micro_batch_size
+    )
+    stream = iter(
+        TokenShardLoader(
+            data,
+            micro_batch_size=cfg.data.micro_batch_size,
+            dp_rank=0,
+            dp_size=1,
+            num_workers=0,
+            seed=cfg.data.seed,
+        )
+    )
+    times = []
+    for step in range(warmup + steps):
+        tokens = next(stream)["tokens"]
+        start = time.perf_counter()
+        loss, _, _ = engine(tokens)
+        engine.backward(loss)
+        engine.step()
+        gpt.maintain_codebooks(step + 1, cfg.train.seed, write_codebook_rows(engine))
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    destroy_distributed()
+    gflops = flops_per_token(cfg.model, cfg.moe, cfg.model.seq_length) / 1e9
+    return cfg.data.micro_batch_size / statistics.median(times), gflops
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -105,10 +168,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--vocab-size", type=int, default=8000, help="of the trained tokenizer")
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--shard-size-mb", type=float, default=8.0)
-    p.add_argument("--cores", type=int, default=available_cpus())
+    p.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=sorted({1, available_cpus()}),
+        help="shard.py --workers / encode threads to measure",
+    )
     p.add_argument("--runs", type=int, default=3, help="alternating runs per measurement")
-    p.add_argument("--loader-batches", type=int, default=2000)
-    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--loader-batches", type=int, default=500)
+    p.add_argument(
+        "--step-config",
+        default="pretrain/configs/base.yaml",
+        help="config whose training step and data settings the loader is compared with",
+    )
+    p.add_argument("--step-steps", type=int, default=5, help="timed steps (after 2 warm-up)")
     args = p.parse_args(argv)
     source = Path(args.input)
     if not source.exists():
@@ -122,7 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if model is None:
             prefix = str(work / "tokenizer")
             settings = TokenizerSettings(
-                [str(source)], prefix, vocab_size=args.vocab_size, threads=args.cores
+                [str(source)], prefix, vocab_size=args.vocab_size, threads=max(args.workers)
             )
             train_tokenizer(settings, progress=False)
             model = prefix + ".model"
@@ -134,50 +208,69 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             sources = resolve_inputs([str(inputs)])
             texts = [t for _, d in iter_documents(sources) for t in d.texts]
             megabytes = sum(len(t.encode("utf-8")) for t in texts) / 1e6
-            settings = ShardSettings(
-                [str(inputs)],
-                model,
-                str(work / "shards"),
-                args.seq_length,
-                shard_size_mb=args.shard_size_mb,
-                workers=args.cores,
-            )
-            encode, shard = [], []
-            for _ in range(args.runs):
-                encode.append(
-                    _timed(partial(tokenizer.processor.encode, texts, num_threads=args.cores))
+            for workers in args.workers:
+                settings = ShardSettings(
+                    [str(inputs)],
+                    model,
+                    str(work / "shards"),
+                    args.seq_length,
+                    shard_size_mb=args.shard_size_mb,
+                    workers=workers,
                 )
-                shard.append(_timed(partial(_shard, settings)))
-            medians = [statistics.median(x) for runs in (encode, shard) for x in zip(*runs)]
-            rows.append((copies, len(sources), megabytes, *medians))
+                encode = partial(tokenizer.processor.encode, texts, num_threads=workers)
+                timings: list[list[tuple[float, float]]] = [[], [], []]
+                for _ in range(args.runs):
+                    timings[0].append(_timed(encode))
+                    timings[1].append(_timed(partial(encode, out_type="numpy")))
+                    timings[2].append(_timed(partial(_shard, settings)))
+                medians = [[statistics.median(x) for x in zip(*runs)] for runs in timings]
+                rows.append((copies, len(sources), megabytes, workers, medians))
+        step_config = load_config(PretrainConfig, args.step_config).data
         rates = {
             workers: _loader_rate(
-                work / "shards", workers, args.loader_batches, args.micro_batch_size
+                work / "shards", workers, args.loader_batches, step_config.micro_batch_size
             )
-            for workers in (0, args.cores)
+            for workers in sorted({0, step_config.num_workers})
         }
+        step_samples, gflops = _step_rate(args.step_config, work / "shards", args.step_steps, 2)
+        after = os.getloadavg()
     print(
         f"input: {args.input}; tokenizer {tokenizer.vocab_size} pieces; seq_length "
-        f"{args.seq_length}; {args.cores} cores; median of {args.runs} alternating runs; load "
-        f"average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
+        f"{args.seq_length}; {available_cpus()} cores; median of {args.runs} alternating runs; "
+        f"load average {load[0]:.2f} before, {after[0]:.2f} after"
     )
     print(
-        "| input | sentencepiece encode MB/s | shard.py end to end MB/s | ratio | "
-        "encode CPU s/MB | shard.py CPU s/MB | CPU ratio |"
+        "| input | workers | encode MB/s (lists / numpy) | shard.py MB/s | ratio to lists / "
+        "numpy | CPU s/MB (lists / numpy / shard.py) | CPU ratio to lists / numpy |"
     )
     print("|---|---|---|---|---|---|---|")
-    for copies, files, megabytes, encode, encode_cpu, shard, shard_cpu in rows:
+    for copies, files, megabytes, workers, medians in rows:
+        (lists, lists_cpu), (arrays, arrays_cpu), (shard, shard_cpu) = medians
         print(
-            f"| {copies}x ({files} files, {megabytes:.1f} MB) | {megabytes / encode:.1f} | "
-            f"{megabytes / shard:.1f} | {encode / shard:.2f} | {encode_cpu / megabytes:.4f} | "
-            f"{shard_cpu / megabytes:.4f} | {encode_cpu / shard_cpu:.2f} |"
+            f"| {copies}x ({files} files, {megabytes:.1f} MB) | {workers} | "
+            f"{megabytes / lists:.1f} / {megabytes / arrays:.1f} | {megabytes / shard:.1f} | "
+            f"{lists / shard:.2f} / {arrays / shard:.2f} | {lists_cpu / megabytes:.4f} / "
+            f"{arrays_cpu / megabytes:.4f} / {shard_cpu / megabytes:.4f} | "
+            f"{lists_cpu / shard_cpu:.2f} / {arrays_cpu / shard_cpu:.2f} |"
         )
+    sample = args.seq_length + 1
     for workers, rate in rates.items():
         print(
-            f"loader ({workers} workers, micro-batch {args.micro_batch_size}, seq_length "
-            f"{args.seq_length}): {rate:,.0f} samples/s = "
-            f"{rate * (args.seq_length + 1) / 1e6:.2f}M tokens/s"
+            f"loader ({workers} workers, micro-batch {step_config.micro_batch_size}, seq_length "
+            f"{args.seq_length}): {rate:,.0f} samples/s = {rate * sample / 1e6:.2f}M tokens/s "
+            f"= {rate / step_samples:,.0f}x what the training step below consumes"
         )
+    print(
+        f"training step ({args.step_config}, {gflops:.4f} GFLOP/token, fwd+bwd+ZeRO-2 AdamW, "
+        f"1 process, CPU, median of {args.step_steps}): {step_samples:,.1f} samples/s"
+    )
+    print(
+        "the loader keeps up with micro-batch steps down to "
+        + " and ".join(
+            f"{step_config.micro_batch_size / rate * 1e3:.2f} ms ({w} workers)"
+            for w, rate in rates.items()
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def _read(manifest: Manifest, shard_index: int, split: str, sha256: Optional[str
     first = sum(s.samples for s in shards[:shard_index])
     shard = shards[shard_index]
     return iter_shard(
-        manifest.shard_path(shard),
+        manifest.store,
+        shard.name,
         first_index=first,
         samples=shard.samples,
         sample_length=manifest.seq_length + 1,
@@ -102,7 +103,9 @@ def verify(manifest: Manifest) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("data_dir", help="output directory of data_tools/shard.py")
+    p.add_argument(
+        "data_dir", help="output of data_tools/shard.py: path, http(s):// prefix or pipe: template"
+    )
     p.add_argument("--split", default="train", help="split of --sample")
     p.add_argument(
         "--sample",

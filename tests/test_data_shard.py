@@ -25,6 +25,7 @@ from vqmoe_megatron.data import DataError, Tokenizer, TokenShardLoader, load_man
 from vqmoe_megatron.data.shard_format import iter_shard, shard_tar, token_dtype
 from vqmoe_megatron.data.shard_workspace import ShardWorkspace
 from vqmoe_megatron.data.sharding import build_shards
+from vqmoe_megatron.data.store import open_store
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,8 @@ def test_shards_are_plain_webdataset_tars(data: Path):
         f"{i:010d}" for i in range(first, first + shard.samples)
     ]
     ours = iter_shard(
-        data / shard.name,
+        manifest.store,
+        shard.name,
         first_index=first,
         samples=shard.samples,
         sample_length=65,
@@ -120,7 +122,8 @@ def test_uint32_when_the_vocabulary_needs_it(tmp_path: Path):
     (tmp_path / "s.tar").write_bytes(shard_tar(samples, 10))
     read = list(
         iter_shard(
-            tmp_path / "s.tar",
+            open_store(tmp_path),
+            "s.tar",
             first_index=10,
             samples=2,
             sample_length=3,

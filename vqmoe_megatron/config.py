@@ -126,14 +126,36 @@ class ParallelConfig:
 
 
 @dataclass
+class DataSource:
+    """One corpus of a blend (``data.sources``): Megatron's ``--data-path W PATH`` pair."""
+
+    path: str
+    """A shard directory: local path, ``http(s)://`` prefix or ``pipe:`` command template."""
+    weight: float
+    """Share of the training samples (the weights are normalised to sum to 1)."""
+    name: Optional[str] = None
+    """Label in logs and metrics (default: the last component of ``path``)."""
+
+
+@dataclass
 class DataConfig:
     """WebDataset shards written by ``data_tools/shard.py``."""
 
     data_dir: Optional[str] = None
+    """A shard directory: local path, ``http(s)://`` prefix or ``pipe:`` command template."""
+    sources: list[DataSource] = field(default_factory=list)
+    """Instead of ``data_dir``: several weighted shard directories (same tokenizer and packing);
+    each one's valid split is evaluated on its own."""
     micro_batch_size: int = 8
     num_workers: int = 1
     seed: int = 1234
     verify_checksums: bool = False
+    fetch_attempts: int = 4
+    """Tries per remote file (manifest or shard) before the run stops naming it."""
+    fetch_backoff_s: float = 1.0
+    """Sleep before the second try of a remote file; doubled before each further one."""
+    fetch_timeout_s: float = 120.0
+    """Per-try timeout of a remote file (HTTP connect/read, or the pipe: command)."""
 
 
 @dataclass
@@ -292,6 +314,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is Any:
         return value
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
@@ -336,6 +362,15 @@ def from_dict(cls: type[T], data: dict, source: str = "config", prefix: str = ""
             kwargs[key] = from_dict(tp, value, source, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, where)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{source}: '{prefix}{missing[0]}' is required in {cls.__name__}")
     return cls(**kwargs)
 
 

@@ -1,13 +1,15 @@
 """``python -m vqmoe_megatron.evaluate`` / ``vqmoe-evaluate``: loss, perplexity and bits per byte
 of a checkpoint, with per-layer routing statistics, in either routing mode.
 
-    vqmoe-evaluate --checkpoint RUN --data-dir SHARDS [--split valid]
+    vqmoe-evaluate --checkpoint RUN --data-dir SHARDS [SHARDS ...] [--split valid]
     vqmoe-evaluate --checkpoint RUN --text a.txt b.txt [--tokenizer tokenizer.model]
     torchrun --nproc_per_node N -m vqmoe_megatron.evaluate ... --tensor-parallel T --expert-parallel E
 
 Held-out shards are scored as in training: every target of every packed sample, padding
 excluded; bits per byte uses the split's bytes per token from the manifest (exact over a whole
-split; ``--max-batches`` scales it by the tokens scored).
+split; ``--max-batches`` scales it by the tokens scored). Several ``--data-dir`` (the sources of
+a blended run, say) are scored one after another, each on its own; the JSON then lists them
+under ``sources``. A shard directory may be a path, an http(s):// prefix or a pipe: template.
 
 Text files are scored as lm-evaluation-harness' ``loglikelihood_rolling`` does (so the
 ``vqmoe_text`` task gives the same number, see :mod:`vqmoe_megatron.eval_tasks`): each file is one
@@ -84,7 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="run, step or consolidated")
     data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data-dir", type=Path, help="shards written by data_tools/shard.py")
+    data.add_argument(
+        "--data-dir",
+        nargs="+",
+        help="shards of data_tools/shard.py (path, http(s):// prefix or pipe: template); several "
+        "are scored each on its own",
+    )
     data.add_argument("--text", type=Path, nargs="+", help="raw UTF-8 text files")
     parser.add_argument("--split", default="valid", help="shard split (default: valid)")
     parser.add_argument("--routing", choices=("pretrain", "discrete"), default=None)
@@ -97,11 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _shard_batches(args: argparse.Namespace, cfg, dp_rank: int, dp_size: int):
+def _shard_batches(data_dir: str, args: argparse.Namespace, cfg, dp_rank: int, dp_size: int):
     """(batches, pad id, bytes per scored token) of a shard split."""
     from vqmoe_megatron.data import TokenShardLoader, check_manifest_matches, load_manifest
 
-    manifest = load_manifest(args.data_dir)
+    manifest = load_manifest(data_dir)
     check_manifest_matches(
         manifest, vocab_size=cfg.model.vocab_size, seq_length=cfg.model.seq_length
     )
@@ -165,36 +172,44 @@ def evaluate(args: argparse.Namespace) -> dict:
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     if args.text is not None:
-        batches, pad_id, num_bytes = _text_batches(args, source, dp_rank, dp_size)
+        scored = [("text", *_text_batches(args, source, dp_rank, dp_size))]
     else:
-        batches, pad_id, bytes_per_token = _shard_batches(args, cfg, dp_rank, dp_size)
+        scored = [
+            (data_dir, *_shard_batches(data_dir, args, cfg, dp_rank, dp_size))
+            for data_dir in args.data_dir
+        ]
     gpt = load_model(source, cfg)
     device = next(gpt.parameters()).device
-    metrics.reset()
-    metrics.set_enabled(True)
-    nll, count = sum_nll(
-        LanguageModel(gpt, pad_id),
-        batches,
-        device,
-        filler_batch(pad_id, cfg.model.seq_length),
-        args.max_batches,
-    )
-    nll, count = all_reduce_sum([nll, count], device, parallel_state.get_data_parallel_group())
-    if args.text is None:
-        num_bytes = count * bytes_per_token
-    return {
-        "checkpoint": source.description,
-        "routing": routing,
-        "data": [str(p) for p in args.text] if args.text else f"{args.data_dir}:{args.split}",
-        "layout": layout.describe(),
-        **lm_metrics(nll, count, num_bytes),
-        "bytes": num_bytes,
-        "layers": metrics.summarize(),
-    }
+    results = []
+    for data, batches, pad_id, bytes_info in scored:
+        metrics.reset()
+        metrics.set_enabled(True)
+        nll, count = sum_nll(
+            LanguageModel(gpt, pad_id),
+            batches,
+            device,
+            filler_batch(pad_id, cfg.model.seq_length),
+            args.max_batches,
+        )
+        nll, count = all_reduce_sum([nll, count], device, parallel_state.get_data_parallel_group())
+        num_bytes = bytes_info if args.text is not None else count * bytes_info
+        results.append(
+            {
+                "data": [str(p) for p in args.text] if args.text else f"{data}:{args.split}",
+                **lm_metrics(nll, count, num_bytes),
+                "bytes": num_bytes,
+                "layers": metrics.summarize(),
+            }
+        )
+    run = {"checkpoint": source.description, "routing": routing, "layout": layout.describe()}
+    return {**run, **results[0]} if len(results) == 1 else {**run, "sources": results}
 
 
 def format_result(result: dict) -> str:
-    """The headline numbers and a per-layer routing table."""
+    """The headline numbers and a per-layer routing table (per source, for several)."""
+    if "sources" in result:
+        run = {k: v for k, v in result.items() if k != "sources"}
+        return "\n\n".join(format_result({**run, **scored}) for scored in result["sources"])
     lines = [
         f"{result['checkpoint']} ({result['routing']} routing) on {result['data']}",
         f"loss {result['loss']:.4f} | ppl {result['ppl']:.3f} | bpb {result['bpb']:.4f} | "

@@ -44,15 +44,17 @@ class Source:
 
 def tokenizer_path(path: Path, cfg: PretrainConfig, explicit: Optional[Path]) -> Optional[Path]:
     """The tokenizer of checkpoint ``path``: ``explicit``, the consolidated copy, or the run's data
-    manifest's model (when that file exists); None when none is known."""
+    manifest's model (of data.data_dir, or the first of data.sources: they share one tokenizer;
+    when that file exists); None when none is known."""
     if explicit is not None:
         return Path(explicit)
     if is_consolidated(path) and (path / TOKENIZER).is_file():
         return path / TOKENIZER
-    if cfg.data.data_dir is None:
+    data_dir = cfg.data.data_dir or (cfg.data.sources[0].path if cfg.data.sources else None)
+    if data_dir is None:
         return None
     try:
-        manifest = load_manifest(cfg.data.data_dir)
+        manifest = load_manifest(data_dir)
     except DataError:
         return None
     model = Path(manifest.tokenizer_model)

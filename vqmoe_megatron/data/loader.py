@@ -25,6 +25,7 @@ from vqmoe_megatron.data.errors import DataError
 from vqmoe_megatron.data.manifest import Manifest, load_manifest
 from vqmoe_megatron.data.schedule import SlotSchedule
 from vqmoe_megatron.data.shard_format import iter_shard
+from vqmoe_megatron.data.store import FetchPolicy
 
 STATE_VERSION = 1
 _STATE_KEYS = (
@@ -84,7 +85,8 @@ class _SlotStream(IterableDataset):
         return {
             index - first: array
             for index, array in iter_shard(
-                self.manifest.shard_path(info),
+                self.manifest.store,
+                info.name,
                 first_index=first,
                 samples=info.samples,
                 sample_length=self.manifest.seq_length + 1,
@@ -118,7 +120,8 @@ def _as_is(item: dict) -> dict:
 
 class TokenShardLoader:
     """Micro-batches ``{"tokens": LongTensor [B, seq_length + 1], "index": LongTensor [B]}``
-    from the shards of ``data`` (a directory made by data_tools/shard.py, or its Manifest).
+    from the shards of ``data`` (a directory made by data_tools/shard.py, or its Manifest; a
+    directory may be an http(s) prefix or pipe: template, fetched as ``fetch`` says).
 
     ``index`` is each sample's number within the split. Train (``infinite``, shuffled): an endless
     stream, reshuffled every epoch with ``(seed, epoch)``. Eval (finite, in order): the ranks get
@@ -142,6 +145,7 @@ class TokenShardLoader:
         shuffle: Optional[bool] = None,
         infinite: Optional[bool] = None,
         verify_checksums: bool = False,
+        fetch: Optional[FetchPolicy] = None,
     ):
         if micro_batch_size < 1 or num_workers < 0 or seed < 0 or not 0 <= dp_rank < dp_size:
             raise DataError(
@@ -149,7 +153,7 @@ class TokenShardLoader:
                 f"seed >= 0 and 0 <= dp_rank < dp_size (got {micro_batch_size}, {num_workers}, "
                 f"{seed}, {dp_rank}, {dp_size})"
             )
-        self.manifest = data if isinstance(data, Manifest) else load_manifest(data)
+        self.manifest = data if isinstance(data, Manifest) else load_manifest(data, fetch)
         self.split = split
         info = self.manifest.split(split)
         if info.samples == 0:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from vqmoe_megatron.data.errors import DataError
+from vqmoe_megatron.data.store import FetchPolicy, ShardStore, open_store
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "vqmoe-token-shards"
@@ -49,9 +50,12 @@ class SplitInfo:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A parsed ``manifest.json``; ``raw`` keeps the whole JSON (sources, settings, versions)."""
+    """A parsed ``manifest.json``; ``raw`` keeps the whole JSON (sources, settings, versions).
+    ``data_dir`` is the location as given (path, URL prefix or pipe: template), ``store`` reads
+    its files."""
 
-    data_dir: Path
+    data_dir: str
+    store: ShardStore
     fingerprint: str
     tokenizer_model: str
     tokenizer_sha256: str
@@ -68,8 +72,8 @@ class Manifest:
     raw: dict
 
     @property
-    def path(self) -> Path:
-        return self.data_dir / MANIFEST_NAME
+    def path(self) -> str:
+        return self.store.describe(MANIFEST_NAME)
 
     def split(self, name: str) -> SplitInfo:
         """The named split, or a DataError listing the ones that exist."""
@@ -78,9 +82,6 @@ class Manifest:
                 f"{self.path} has no split '{name}'; it has {', '.join(sorted(self.splits))}"
             )
         return self.splits[name]
-
-    def shard_path(self, shard: ShardInfo) -> Path:
-        return self.data_dir / shard.name
 
 
 def _field(obj: dict, key: str, where: str) -> Any:
@@ -114,9 +115,9 @@ def _parse_split(name: str, obj: dict, where: str) -> SplitInfo:
     return split
 
 
-def parse_manifest(data_dir: Path, raw: dict) -> Manifest:
-    """Build a Manifest from the JSON object of ``data_dir/manifest.json``."""
-    where = str(data_dir / MANIFEST_NAME)
+def parse_manifest(store: ShardStore, raw: dict) -> Manifest:
+    """Build a Manifest from the JSON object of the store's ``manifest.json``."""
+    where = store.describe(MANIFEST_NAME)
     if (
         _field(raw, "format", where) != FORMAT
         or _field(raw, "format_version", where) != FORMAT_VERSION
@@ -128,7 +129,8 @@ def parse_manifest(data_dir: Path, raw: dict) -> Manifest:
     tok = _field(raw, "tokenizer", where)
     splits = _field(raw, "splits", where)
     return Manifest(
-        data_dir=data_dir,
+        data_dir=store.location,
+        store=store,
         fingerprint=str(_field(raw, "fingerprint", where)),
         tokenizer_model=str(_field(tok, "model", where)),
         tokenizer_sha256=str(_field(tok, "sha256", where)),
@@ -146,22 +148,24 @@ def parse_manifest(data_dir: Path, raw: dict) -> Manifest:
     )
 
 
-def load_manifest(data_dir: Union[str, Path]) -> Manifest:
-    """Read and check ``data_dir/manifest.json``."""
-    data_dir = Path(data_dir)
-    path = data_dir / MANIFEST_NAME
-    if not path.is_file():
+def load_manifest(data_dir: Union[str, Path], fetch: Optional[FetchPolicy] = None) -> Manifest:
+    """Read and check ``data_dir/manifest.json`` (a local path, URL prefix or pipe: template;
+    ``fetch`` sets the retries of a remote one)."""
+    store = open_store(data_dir, fetch)
+    path = store.describe(MANIFEST_NAME)
+    try:
+        with store.open(MANIFEST_NAME) as f:
+            raw = json.loads(f.read().decode("utf-8"))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
         raise DataError(
             f"{path} does not exist: {data_dir} is not a finished shard directory; run "
             "data_tools/shard.py --output DIR (re-running an interrupted run resumes it)"
-        )
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        ) from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(
             f"{path} is not valid JSON ({exc}); rebuild it with data_tools/shard.py"
         ) from exc
-    return parse_manifest(data_dir, raw)
+    return parse_manifest(store, raw)
 
 
 def check_manifest_matches(

@@ -14,13 +14,13 @@ import io
 import tarfile
 from collections.abc import Container, Iterator
 from functools import lru_cache
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from webdataset.tariterators import tar_file_iterator
 
 from vqmoe_megatron.data.errors import DataError
+from vqmoe_megatron.data.store import ShardStore
 
 SAMPLE_SUFFIX = "tokens.npy"
 _TAR_BLOCK = 512
@@ -117,7 +117,7 @@ class _HashingReader:
         return self.digest.hexdigest()
 
 
-def _damaged(path: Path, detail: str) -> DataError:
+def _damaged(path: str, detail: str) -> DataError:
     return DataError(
         f"shard {path} is truncated or corrupt: {detail}; re-run data_tools/shard.py with the "
         "same arguments (it rebuilds damaged shards) or restore the file"
@@ -125,7 +125,8 @@ def _damaged(path: Path, detail: str) -> DataError:
 
 
 def iter_shard(
-    path: Path,
+    store: ShardStore,
+    name: str,
     *,
     first_index: int,
     samples: int,
@@ -135,21 +136,24 @@ def iter_shard(
     sha256: Optional[str] = None,
     keep: Optional[Container[int]] = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(sample_index, ids [seq_length + 1])`` for every member of one shard, in order,
-    or only for the members whose position in the shard is in ``keep``.
+    """Yield ``(sample_index, ids [seq_length + 1])`` for every member of shard ``name`` of
+    ``store``, in order, or only for the members whose position in the shard is in ``keep``.
 
     Checks member names and the sample count; decodes and checks array shape, dtype and id
     range of the members it yields; with ``sha256`` also the file's checksum (checked after the
     last sample, before the generator finishes).
     """
-    if not path.is_file():
+    path = store.describe(name)
+    try:
+        raw = store.open(name)
+    except (FileNotFoundError, IsADirectoryError) as exc:
         raise DataError(
             f"shard {path} is missing; re-run data_tools/shard.py with the same arguments to "
             "rebuild it"
-        )
+        ) from exc
     expected_dtype = np.dtype(dtype).newbyteorder("<")
     count = 0
-    with open(path, "rb") as raw:
+    with raw:
         reader = _HashingReader(raw)
         try:
             for member in tar_file_iterator(reader):

@@ -5,12 +5,14 @@ tokenize and assign each document to train or valid by a seeded hash of its text
 deterministic, independent of file order and worker count, and duplicates land together); the
 main process appends their ids to each split's ``StreamPacker`` and writes every full shard.
 Resume: the chunk log says which chunk fed which stream positions, so a re-run starts tokenizing
-at the first chunk still needed by an unfinished shard (see ``_resume_plan``).
+at the first chunk still needed by an unfinished shard (see ``_resume_plan``). The same work split
+over many machines (a slurm array job, then a merge) is in ``shard_parts``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import multiprocessing
 import platform
@@ -19,7 +21,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +122,11 @@ def _tokenize_chunk(chunk: Chunk) -> ChunkResult:
         text_documents=settings.text_documents,
         jsonl_field=settings.jsonl_field,
     )
-    encoded = w["tokenizer"].processor.encode(decoded.texts, num_threads=1, add_eos=True)
+    # As numpy arrays [n_ids] int32: sentencepiece fills them in C++, which costs a sixth less
+    # than building Python lists of ints and converting those.
+    encoded = w["tokenizer"].processor.encode(
+        decoded.texts, num_threads=1, add_eos=True, out_type="numpy"
+    )
     docs: tuple[list, list] = ([], [])
     sizes = [0, 0]
     for text, ids in zip(decoded.texts, encoded):
@@ -136,7 +141,7 @@ def _tokenize_chunk(chunk: Chunk) -> ChunkResult:
         source=chunk.source,
         disk_bytes=chunk.disk_bytes,
         ids=tuple(
-            np.fromiter(chain.from_iterable(d), w["dtype"], count=sum(len(ids) for ids in d))
+            np.concatenate(d, dtype=w["dtype"], casting="unsafe") if d else np.zeros(0, w["dtype"])
             for d in docs
         ),
         documents=(len(docs[0]), len(docs[1])),
@@ -198,7 +203,7 @@ class _Totals:
         source["replaced_characters"] += record["replaced"]
 
 
-class _SplitWriter:
+class SplitWriter:
     """Both splits' packers and finished shards: turns chunk results into staged shards."""
 
     def __init__(
@@ -241,8 +246,12 @@ class _SplitWriter:
         for record, result in zip(records, results):
             self.totals.add(record)
             for split, ids in zip(SPLITS, result.ids):
-                for samples in self.packers[split].add(ids):
-                    self._emit(split, samples)
+                self.append(split, ids)
+
+    def append(self, split: str, ids: np.ndarray) -> None:
+        """Append ids to one split's stream; stage every shard that fills up."""
+        for samples in self.packers[split].add(ids):
+            self._emit(split, samples)
 
     def finish(self) -> None:
         """Stage the last, padded shard of each split."""
@@ -288,16 +297,135 @@ def _resume_plan(
     return restart, done
 
 
-def _manifest(
-    settings: ShardSettings,
-    tokenizer: Tokenizer,
+@dataclass(frozen=True)
+class ShardPlan:
+    """What the inputs and settings resolve to, before any tokenizing: the input files, the
+    tokenizer, the id dtype, shard size and the identity (fingerprinted: what the content
+    depends on)."""
+
+    settings: ShardSettings
+    sources: list[Source]
+    tokenizer: Tokenizer
+    dtype: str
+    samples_per_shard: int
+    identity: dict
+
+
+def plan_shards(settings: ShardSettings) -> ShardPlan:
+    """Check the settings, resolve the inputs and the tokenizer."""
+    if settings.seq_length < 1 or not 0.0 <= settings.valid_fraction < 1.0 or settings.workers < 1:
+        raise DataError(
+            f"need --seq-length >= 1, 0 <= --valid-fraction < 1 and --workers >= 1 (got "
+            f"{settings.seq_length}, {settings.valid_fraction}, {settings.workers})"
+        )
+    sources = resolve_inputs(settings.inputs)
+    tokenizer = Tokenizer(settings.tokenizer)
+    dtype = token_dtype(tokenizer.vocab_size)
+    samples_per_shard = max(
+        1, int(settings.shard_size_mb * 2**20) // member_bytes(settings.seq_length + 1, dtype)
+    )
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer_sha256": tokenizer.sha256,
+        "seq_length": settings.seq_length,
+        "samples_per_shard": samples_per_shard,
+        "valid_fraction": settings.valid_fraction,
+        "split_seed": settings.split_seed,
+        "text_documents": settings.text_documents,
+        "jsonl_field": settings.jsonl_field,
+        "chunk_bytes": CHUNK_BYTES,
+        "sources": [[str(s.path), s.size, s.mtime_ns] for s in sources],
+    }
+    return ShardPlan(settings, sources, tokenizer, dtype, samples_per_shard, identity)
+
+
+def open_writer(
+    plan: ShardPlan, workspace: ShardWorkspace, kept: list[dict], done: dict[str, int]
+) -> SplitWriter:
+    """A SplitWriter into ``workspace`` that continues after ``kept`` chunks and ``done`` shards."""
+    return SplitWriter(
+        workspace,
+        plan.tokenizer,
+        sources=len(plan.sources),
+        seq_length=plan.settings.seq_length,
+        samples_per_shard=plan.samples_per_shard,
+        dtype=plan.dtype,
+        kept=kept,
+        done=done,
+    )
+
+
+def tokenized(
+    plan: ShardPlan,
     sources: list[Source],
+    *,
+    restart: int = 0,
+    progress: bool = True,
+    postfix: Callable[[], str] = str,
+) -> Iterator[list[ChunkResult]]:
+    """The results of ``sources``' chunks from ``restart`` on, in input order, tokenized by
+    ``settings.workers`` processes (chunk and source numbers count within ``sources``)."""
+    settings = plan.settings
+    context = multiprocessing.get_context()
+    # Forked workers inherit this process's objects (torch's among them): frozen, their garbage
+    # collector leaves them alone instead of touching, and so copying, every page they sit on.
+    gc.collect()
+    gc.freeze()
+    try:
+        pool = context.Pool(
+            settings.workers,
+            initializer=_init_worker,
+            initargs=(settings.tokenizer, sources, settings, plan.dtype),
+        )
+    finally:
+        gc.unfreeze()
+    with pool:
+        bar = byte_progress(sources, "sharding", progress)
+        pending: deque = deque()
+        chunks = iter_chunks(
+            sources, text_documents=settings.text_documents, chunk_bytes=CHUNK_BYTES
+        )
+
+        def drain(limit: int) -> Iterator[list[ChunkResult]]:
+            while len(pending) > limit:
+                results = pending.popleft().get()
+                yield results
+                bar.update(sum(result.disk_bytes for result in results))
+                bar.set_postfix_str(postfix(), refresh=False)
+
+        for task in _tasks(chunks, restart, lambda chunk: bar.update(chunk.disk_bytes)):
+            pending.append(pool.apply_async(_tokenize_task, (task,)))
+            yield from drain(2 * settings.workers)
+        yield from drain(0)
+        bar.close()
+
+
+def check_documents(plan: ShardPlan, totals: _Totals) -> None:
+    """Refuse inputs that held no document at all."""
+    if sum(t["documents"] for t in totals.split.values()) == 0:
+        empty = sum(s["empty_documents"] for s in totals.source)
+        raise DataError(
+            f"no documents in the inputs ({len(plan.sources)} file(s), {empty} empty "
+            "document(s) skipped); pass files that contain text"
+        )
+
+
+def finish_shards(plan: ShardPlan, workspace: ShardWorkspace, writer: SplitWriter) -> dict:
+    """Stage the last shards, write the manifest and move the set into place; the manifest."""
+    check_documents(plan, writer.totals)
+    writer.finish()
+    manifest = _manifest(plan, workspace, writer.totals, writer.shards)
+    workspace.commit(manifest)
+    return manifest
+
+
+def _manifest(
+    plan: ShardPlan,
     workspace: ShardWorkspace,
     totals: _Totals,
     shards: dict[str, list[ShardRecord]],
-    dtype: str,
-    samples_per_shard: int,
 ) -> dict:
+    settings, tokenizer = plan.settings, plan.tokenizer
     splits = {}
     for split in SPLITS:
         samples = sum(r.samples for r in shards[split])
@@ -327,13 +455,13 @@ def _manifest(
         },
         "seq_length": settings.seq_length,
         "sample_length": settings.seq_length + 1,
-        "dtype": dtype,
-        "samples_per_shard": samples_per_shard,
+        "dtype": plan.dtype,
+        "samples_per_shard": plan.samples_per_shard,
         "packing": PACKING,
         "splits": splits,
         "sources": [
             {"path": str(s.path), "size": s.size, **counts}
-            for s, counts in zip(sources, totals.source)
+            for s, counts in zip(plan.sources, totals.source)
         ],
         "identity": workspace.identity,
         "settings": dataclasses.asdict(settings),
@@ -353,31 +481,9 @@ def build_shards(
     A re-run with the same inputs and settings verifies the existing shards and returns at once,
     or continues an interrupted run (see module docstring).
     """
-    if settings.seq_length < 1 or not 0.0 <= settings.valid_fraction < 1.0 or settings.workers < 1:
-        raise DataError(
-            f"need --seq-length >= 1, 0 <= --valid-fraction < 1 and --workers >= 1 (got "
-            f"{settings.seq_length}, {settings.valid_fraction}, {settings.workers})"
-        )
-    sources = resolve_inputs(settings.inputs)
-    tokenizer = Tokenizer(settings.tokenizer)
-    dtype = token_dtype(tokenizer.vocab_size)
-    samples_per_shard = max(
-        1, int(settings.shard_size_mb * 2**20) // member_bytes(settings.seq_length + 1, dtype)
-    )
-    identity = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer_sha256": tokenizer.sha256,
-        "seq_length": settings.seq_length,
-        "samples_per_shard": samples_per_shard,
-        "valid_fraction": settings.valid_fraction,
-        "split_seed": settings.split_seed,
-        "text_documents": settings.text_documents,
-        "jsonl_field": settings.jsonl_field,
-        "chunk_bytes": CHUNK_BYTES,
-        "sources": [[str(s.path), s.size, s.mtime_ns] for s in sources],
-    }
+    plan = plan_shards(settings)
     workspace = ShardWorkspace(
-        Path(settings.output), identity, overwrite=settings.overwrite, progress=progress
+        Path(settings.output), plan.identity, overwrite=settings.overwrite, progress=progress
     )
     finished = workspace.up_to_date()
     if finished is not None:
@@ -386,61 +492,16 @@ def build_shards(
         )
         return finished
     chunk_log = workspace.resume()
-    restart, done = _resume_plan(chunk_log, workspace.valid, samples_per_shard, settings.seq_length)
+    restart, done = _resume_plan(
+        chunk_log, workspace.valid, plan.samples_per_shard, settings.seq_length
+    )
     kept = chunk_log[:restart]
     if restart or any(done.values()):
         log(f"resuming: {sum(done.values())} shards done, re-reading from input chunk {restart}")
     workspace.start(kept)
-    writer = _SplitWriter(
-        workspace,
-        tokenizer,
-        sources=len(sources),
-        seq_length=settings.seq_length,
-        samples_per_shard=samples_per_shard,
-        dtype=dtype,
-        kept=kept,
-        done=done,
-    )
-    context = multiprocessing.get_context()
-    with context.Pool(
-        settings.workers,
-        initializer=_init_worker,
-        initargs=(settings.tokenizer, sources, settings, dtype),
-    ) as pool:
-        bar = byte_progress(sources, "sharding", progress)
-        pending: deque = deque()
-
-        def drain(limit: int) -> None:
-            while len(pending) > limit:
-                results = pending.popleft().get()
-                writer.add(results)
-                bar.update(sum(result.disk_bytes for result in results))
-                bar.set_postfix_str(writer.progress(), refresh=False)
-
-        chunks = iter_chunks(
-            sources, text_documents=settings.text_documents, chunk_bytes=CHUNK_BYTES
-        )
-        for task in _tasks(chunks, restart, lambda chunk: bar.update(chunk.disk_bytes)):
-            pending.append(pool.apply_async(_tokenize_task, (task,)))
-            drain(2 * settings.workers)
-        drain(0)
-        bar.close()
-    if sum(t["documents"] for t in writer.totals.split.values()) == 0:
-        empty = sum(s["empty_documents"] for s in writer.totals.source)
-        raise DataError(
-            f"no documents in the inputs ({len(sources)} file(s), {empty} empty document(s) "
-            "skipped); pass files that contain text"
-        )
-    writer.finish()
-    manifest = _manifest(
-        settings,
-        tokenizer,
-        sources,
-        workspace,
-        writer.totals,
-        writer.shards,
-        dtype,
-        samples_per_shard,
-    )
-    workspace.commit(manifest)
-    return manifest
+    writer = open_writer(plan, workspace, kept, done)
+    for results in tokenized(
+        plan, plan.sources, restart=restart, progress=progress, postfix=writer.progress
+    ):
+        writer.add(results)
+    return finish_shards(plan, workspace, writer)

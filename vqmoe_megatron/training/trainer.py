@@ -4,7 +4,8 @@ One step = ``gradient_accumulation_steps`` micro-batches then one optimizer step
 decides the boundary). After the step, the codebooks are maintained (EMA, dead-code restarts,
 collective over data parallelism). Every ``log_interval`` steps rank 0 prints loss, LR, gradient
 norm, throughput (tokens/s, TFLOP/s per device, MFU) and per-layer routing metrics; every
-``eval_interval`` steps the valid split is evaluated (loss, perplexity, bits per byte).
+``eval_interval`` steps the valid split is evaluated (loss, perplexity, bits per byte); with
+``data.sources`` (a weighted blend of shard directories) each source's valid split on its own.
 
 Stops: normal end (final checkpoint, ``<output_dir>/complete``), SIGTERM/SIGUSR1 (checkpoint,
 ``<output_dir>/preempted``, exit 0 so that slurm can requeue), or too many non-finite losses in
@@ -19,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -30,8 +31,17 @@ from megatron.core.transformer.moe.moe_utils import (
     reduce_aux_losses_tracker_across_ranks,
 )
 
-from vqmoe_megatron.config import ConfigError, PretrainConfig, dump_yaml
-from vqmoe_megatron.data import DataError, TokenShardLoader, check_manifest_matches, load_manifest
+from vqmoe_megatron.config import ConfigError, DataConfig, DataSource, PretrainConfig, dump_yaml
+from vqmoe_megatron.data import (
+    DataError,
+    Manifest,
+    TokenShardLoader,
+    check_manifest_matches,
+    load_manifest,
+)
+from vqmoe_megatron.data.blend import BlendedLoader, BlendSource, blend_fingerprint
+from vqmoe_megatron.data.manifest import SplitInfo
+from vqmoe_megatron.data.store import PIPE, FetchPolicy
 from vqmoe_megatron.distributed import ParallelLayout, destroy_distributed, init_distributed
 from vqmoe_megatron.model import VQMoEGPTModel, build_model
 from vqmoe_megatron.moe import metrics
@@ -136,9 +146,17 @@ class LoopControl:
 def validate_config(cfg: PretrainConfig) -> None:
     """Refuse settings that cannot work, naming the setting and the fix."""
     train, moe = cfg.train, cfg.moe
-    if cfg.data.data_dir is None:
+    data = cfg.data
+    if data.data_dir is None and not data.sources:
         raise ConfigError(
-            "data.data_dir is not set: point it at a directory written by data_tools/shard.py"
+            "data.data_dir is not set: point it at a directory written by data_tools/shard.py "
+            "(or list weighted directories in data.sources)"
+        )
+    if data.data_dir is not None and data.sources:
+        raise ConfigError("data.data_dir and data.sources are both set: keep one of them")
+    if any(not (source.weight > 0 and math.isfinite(source.weight)) for source in data.sources):
+        raise ConfigError(
+            f"data.sources: weights {[s.weight for s in data.sources]} must all be positive"
         )
     if train.zero_stage not in (1, 2):
         raise ConfigError(f"train.zero_stage={train.zero_stage}: use 1 or 2 (expert parallel MoE)")
@@ -155,6 +173,36 @@ def validate_config(cfg: PretrainConfig) -> None:
         raise ConfigError("train.steps, train.log_interval and train.save_interval must be >= 1")
 
 
+def fetch_policy(data: DataConfig) -> FetchPolicy:
+    """How remote shard directories are fetched (``data.fetch_*``)."""
+    return FetchPolicy(data.fetch_attempts, data.fetch_backoff_s, data.fetch_timeout_s)
+
+
+def _source_name(source: DataSource, position: int) -> str:
+    """A source's label: its ``name``, else the last component of its path (``source<k>`` for
+    a pipe: template)."""
+    if source.name:
+        return source.name
+    return (
+        f"source{position}"
+        if source.path.startswith(PIPE)
+        else source.path.rstrip("/").rsplit("/", 1)[-1]
+    )
+
+
+def load_sources(data: DataConfig) -> list[BlendSource]:
+    """The manifests of ``data.sources`` with normalised weights; [] for ``data.data_dir``."""
+    total = sum(source.weight for source in data.sources)
+    return [
+        BlendSource(
+            name=_source_name(source, k),
+            weight=source.weight / total,
+            manifest=load_manifest(source.path, fetch_policy(data)),
+        )
+        for k, source in enumerate(data.sources)
+    ]
+
+
 class Pretrainer(LoopControl):
     """Owns one pretraining run (construct, then :meth:`run`)."""
 
@@ -163,7 +211,17 @@ class Pretrainer(LoopControl):
         self.layout: ParallelLayout = init_distributed(
             cfg.parallel.tensor_parallel, cfg.parallel.expert_parallel, seed=cfg.train.seed
         )
-        self.manifest = load_manifest(cfg.data.data_dir)
+        self.sources = load_sources(cfg.data)
+        self.manifest: Manifest = (
+            self.sources[0].manifest
+            if self.sources
+            else load_manifest(cfg.data.data_dir, fetch_policy(cfg.data))
+        )
+        self.eval_sets: list[tuple[Optional[str], Manifest]] = (
+            [(source.name, source.manifest) for source in self.sources]
+            if self.sources
+            else [(None, self.manifest)]
+        )
         if cfg.model.vocab_size is None:
             cfg = replace(cfg, model=replace(cfg.model, vocab_size=self.manifest.vocab_size))
         check_manifest_matches(
@@ -188,13 +246,13 @@ class Pretrainer(LoopControl):
         )
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.train_loader = self._loader("train")
+        self.train_loader = self._train_loader()
         self.checkpoints = CheckpointManager(self.out, cfg.train.keep_last)
         resume = self.checkpoints.latest()
         if resume is None and any(
             bool(layer.router.quantizer.needs_data_init) for layer in self.gpt.vq_layers()
         ):
-            batch = next(iter(self._loader("train")))["tokens"]
+            batch = next(iter(self._train_loader()))["tokens"]
             count = initialize_codebooks(self.gpt, batch, cfg.train.seed)
             self.log.info(f"k-means initialised {count} codebooks from the first batch")
         self.module = LanguageModel(self.gpt, self.manifest.pad_id)
@@ -203,7 +261,9 @@ class Pretrainer(LoopControl):
         self.state = TrainerState(
             signature=model_signature(cfg),
             layout=current_layout(),
-            data_fingerprint=self.manifest.fingerprint,
+            data_fingerprint=(
+                blend_fingerprint(self.sources) if self.sources else self.manifest.fingerprint
+            ),
         )
         if resume is not None:
             self._resume(resume)
@@ -221,10 +281,25 @@ class Pretrainer(LoopControl):
         self._batches: Optional[Iterator[dict]] = None
 
     # ------------------------------------------------------------------ set-up helpers
-    def _loader(self, split: str) -> TokenShardLoader:
+    def _train_loader(self) -> Union[TokenShardLoader, BlendedLoader]:
+        """The endless training stream: of ``data.data_dir``, or the blend of ``data.sources``."""
+        if not self.sources:
+            return self._loader(self.manifest, "train")
+        data = self.cfg.data
+        return BlendedLoader(
+            self.sources,
+            micro_batch_size=data.micro_batch_size,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            num_workers=data.num_workers,
+            seed=data.seed,
+            verify_checksums=data.verify_checksums,
+        )
+
+    def _loader(self, manifest: Manifest, split: str) -> TokenShardLoader:
         data = self.cfg.data
         return TokenShardLoader(
-            self.manifest,
+            manifest,
             split,
             micro_batch_size=data.micro_batch_size,
             dp_rank=self.dp_rank,
@@ -276,17 +351,28 @@ class Pretrainer(LoopControl):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Loss, perplexity and bits per byte on the valid split (all ranks)."""
-        split = self.manifest.splits.get("valid")
-        if split is None or split.samples == 0:
-            return {}
-        filler = filler_batch(self.manifest.pad_id, self.cfg.model.seq_length)
+    def evaluate(self) -> dict[Optional[str], dict[str, float]]:
+        """Loss, perplexity and bits per byte on each valid split (all ranks): keyed by source
+        name for ``data.sources``, by None for ``data.data_dir``; splits without samples are
+        left out."""
+        results = {}
+        for name, manifest in self.eval_sets:
+            split = manifest.splits.get("valid")
+            if split is not None and split.samples > 0:
+                results[name] = self._evaluate_split(manifest, split)
+        return results
+
+    def _evaluate_split(self, manifest: Manifest, split: SplitInfo) -> dict[str, float]:
+        filler = filler_batch(manifest.pad_id, self.cfg.model.seq_length)
         self.engine.eval()
         metrics.set_enabled(False)
         try:
             nll, count = sum_nll(
-                self.engine, self._loader("valid"), self.device, filler, self.cfg.train.eval_batches
+                self.engine,
+                self._loader(manifest, "valid"),
+                self.device,
+                filler,
+                self.cfg.train.eval_batches,
             )
         finally:
             metrics.set_enabled(True)
@@ -347,6 +433,19 @@ class Pretrainer(LoopControl):
         )
         self.log.scalars(step, {**values, **routing})
 
+    def _log_eval(self, step: int, results: dict[Optional[str], dict[str, float]]) -> None:
+        """One line per evaluated split; the scalars as ``loss``, ``bpb``, ... for
+        ``data.data_dir`` and ``<source>/loss``, ``<source>/bpb``, ... for ``data.sources``."""
+        values = {}
+        for name, result in results.items():
+            self.log.info(
+                f"eval step {step}{'' if name is None else f' {name}'} | loss "
+                f"{result['loss']:.4f} | ppl {result['ppl']:.2f} | bpb {result['bpb']:.4f}"
+            )
+            values.update(result if name is None else {f"{name}/{k}": v for k, v in result.items()})
+        if values:
+            self.log.scalars(step, values, kind="eval")
+
     # ------------------------------------------------------------------ the loop
     def save(self) -> Path:
         """Checkpoint the current step (collective)."""
@@ -386,13 +485,7 @@ class Pretrainer(LoopControl):
                 self._log(step, window, start_time, start_step)
                 window = {"nll": 0.0, "count": 0.0, "time": 0.0, "steps": 0}
             if train.eval_interval and (step % train.eval_interval == 0 or step == train.steps):
-                result = self.evaluate()
-                if result:
-                    self.log.info(
-                        f"eval step {step} | loss {result['loss']:.4f} | ppl {result['ppl']:.2f} "
-                        f"| bpb {result['bpb']:.4f}"
-                    )
-                    self.log.scalars(step, result, kind="eval")
+                self._log_eval(step, self.evaluate())
             if self.end_step(step):
                 return 0
         self.save()
