@@ -147,9 +147,13 @@ class DataConfig:
     """Instead of ``data_dir``: several weighted shard directories (same tokenizer and packing);
     each one's valid split is evaluated on its own."""
     micro_batch_size: int = 8
+    """Samples per micro-batch and data-parallel rank."""
     num_workers: int = 1
+    """Loader worker processes per rank (0: read in the training process)."""
     seed: int = 1234
+    """Seed of the per-epoch shard and sample shuffles."""
     verify_checksums: bool = False
+    """Check every shard's sha256 against the manifest as it is read."""
     fetch_attempts: int = 4
     """Tries per remote file (manifest or shard) before the run stops naming it."""
     fetch_backoff_s: float = 1.0
