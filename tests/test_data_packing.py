@@ -71,3 +71,12 @@ def test_resumed_packer_continues_exactly():
         assert len(resumed) == len(fresh) - k
         for a, b in zip(resumed, fresh[k:]):
             assert (a == b).all()
+
+
+def test_filling_reports_how_full_the_current_shard_is():
+    packer = StreamPacker(seq_length=S, samples_per_shard=4, eos_id=EOS, pad_id=PAD, dtype="uint16")
+    assert packer.filling == pytest.approx(1 / 32)  # the leading EOS
+    assert list(packer.add(np.full(15, 10, dtype=np.uint16))) == []
+    assert packer.filling == pytest.approx(0.5)
+    assert len(list(packer.add(np.full(17, 10, dtype=np.uint16)))) == 1
+    assert packer.filling == pytest.approx(1 / 32)  # the overlap token starts the next shard

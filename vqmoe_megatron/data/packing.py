@@ -63,6 +63,11 @@ class StreamPacker:
         self._length = len(rest)
         return out
 
+    @property
+    def filling(self) -> float:
+        """How full the shard being filled is, from 0 to 1 (for progress displays)."""
+        return min(self._length / (self.samples_per_shard * self.seq_length), 1.0)
+
     def add(self, ids: np.ndarray) -> Iterator[np.ndarray]:
         """Append ids at ``position``; yield every shard that is now full."""
         self._append(ids)

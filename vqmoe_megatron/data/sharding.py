@@ -260,8 +260,15 @@ class SplitWriter:
                 self._emit(split, samples)
 
     def progress(self) -> str:
+        """Tokens so far, shards written, and how full the train shard being filled is (a
+        small corpus writes its only shard at the very end)."""
         tokens = sum(t["tokens"] for t in self.totals.split.values())
-        return f"{tokens:,} tokens, {sum(len(s) for s in self.shards.values())} shards"
+        written = sum(len(s) for s in self.shards.values())
+        filling = self.packers["train"].filling
+        return (
+            f"{tokens:,} tokens, {written} shards written, "
+            f"train shard {len(self.shards['train']) + 1} {filling:.0%} full"
+        )
 
     def _emit(self, split: str, samples: np.ndarray) -> None:
         index = len(self.shards[split])
