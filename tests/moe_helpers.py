@@ -73,17 +73,18 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 
 
 def expert_weights(layer, grads: bool = False) -> tuple[list, list]:
-    """(fc1 list, fc2 list) of an MoE layer's local experts' weights (or their gradients) under
-    either expert backend (SequentialMLP's modules or the grouped-GEMM stacks)."""
+    """(fc1 list, fc2 list) of an MoE layer's local experts' weights (or their gradients, None
+    where there is none) under either expert backend (SequentialMLP's modules or the
+    grouped-GEMM stacks)."""
     tensors = {}
     ep_rank = layer.local_expert_indices[0] // layer.num_local_experts
     for name, param in layer.named_parameters():
-        if is_expert_param(name):
-            tensor = param.grad if grads else param
+        tensor = param.grad if grads else param
+        if is_expert_param(name) and tensor is not None:
             tensors.update(global_tensors(name, tensor, layer.num_local_experts, ep_rank))
     return tuple(
         [
-            tensors[f"experts.local_experts.{i}.linear_fc{fc}.weight"]
+            tensors.get(f"experts.local_experts.{i}.linear_fc{fc}.weight")
             for i in layer.local_expert_indices
         ]
         for fc in (1, 2)
