@@ -33,7 +33,7 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _aligned(width: int, dtype: torch.dtype) -> int:
     """``width`` rounded up so that ``width * itemsize`` is a multiple of 16 bytes."""
-    multiple = max(_ALIGN_BYTES // torch.empty((), dtype=dtype).element_size(), 1)
+    multiple = max(_ALIGN_BYTES // dtype.itemsize, 1)
     return -(-width // multiple) * multiple
 
 
