@@ -71,14 +71,25 @@ def test_tiny_run_learns_and_writes_its_outputs(shards, tmp_path):
     assert "training complete" in proc.stdout
 
 
-@pytest.mark.parametrize("precision,zero", [("fp32", 2), ("bf16", 1)])
-def test_resume_after_clean_stop_is_bit_exact(shards, tmp_path, precision, zero):
-    extra = (f"train.precision={precision}", f"train.zero_stage={zero}")
+@pytest.mark.parametrize(
+    "precision,zero,codebook_update", [("fp32", 2, "gradient"), ("bf16", 1, "ema")]
+)
+def test_resume_after_clean_stop_is_bit_exact(shards, tmp_path, precision, zero, codebook_update):
+    """Dead-code restarts every 3 steps (at steps 3 and 6, around the resume at step 4) with
+    candidates sampled per step, through ZeRO's master weights or the EMA buffers."""
+    extra = (
+        f"train.precision={precision}",
+        f"train.zero_stage={zero}",
+        f"moe.codebook_update={codebook_update}",
+        "moe.dead_code_interval=3",
+        "moe.dead_code_threshold=0.9",
+    )
     pretrain(shards, tmp_path / "a", "train.steps=8", *extra)
     pretrain(shards, tmp_path / "b", "train.steps=4", *extra)
     proc = pretrain(shards, tmp_path / "b", "train.steps=8", *extra)
     assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert "restarted" in proc.stdout, "a dead-code restart after the resume"
 
 
 @pytest.mark.distributed

@@ -12,11 +12,13 @@ from vqmoe_megatron.config import ConfigError, PretrainConfig, load_config
 
 def quiet_third_party_warnings() -> None:
     """megatron and DeepSpeed warn about missing optional GPU packages on every import, and
-    megatron's checkpoint reader about torch APIs it still uses; none of it is actionable."""
+    megatron's checkpoint reader and DeepSpeed's ZeRO about torch APIs they still use (e.g.
+    ``all_gather_into_tensor``, once per step); none of it is actionable."""
     for pattern in (
         "Apex is not installed",
         "Transformer Engine and Apex",
         "full scope is deprecated",
+        "is deprecated. Please use `torch.distributed",
     ):
         warnings.filterwarnings("ignore", message=f".*{pattern}.*")
     for module in ("megatron.core.dist_checkpointing", "torch.distributed.checkpoint"):

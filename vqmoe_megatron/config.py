@@ -31,22 +31,29 @@ class ModelConfig:
     """The transformer trunk (megatron-core GPTModel)."""
 
     num_layers: int = 4
+    """Transformer layers (every ``moe.layer_freq``-th one is an MoE layer)."""
     hidden_size: int = 256
+    """Model width d."""
     num_attention_heads: int = 8
     num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; None: one per attention head (MHA)."""
     ffn_hidden_size: int = 1024
     """FFN width of the dense (non-MoE) layers."""
     vocab_size: Optional[int] = None
     """Tokenizer vocabulary size; None takes it from the data manifest (checked against it)."""
     seq_length: int = 512
+    """Tokens per training sample; must equal the shards' ``seq_length``."""
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     activation: Literal["gelu", "swiglu"] = "gelu"
+    """FFN activation of dense layers and experts (swiglu doubles the first projection)."""
     position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
     rotary_base: int = 10000
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_method_std: float = 0.02
+    """Standard deviation of the normal initialisation of all weights (and routers)."""
     untie_embeddings_and_output_weights: bool = False
+    """Give the LM output layer its own weights instead of the input embedding's."""
     use_transformer_engine: Literal["auto", "never"] = "auto"
     """'auto' uses Transformer Engine layer specs when TE is importable and CUDA is present."""
 
@@ -116,7 +123,9 @@ class ParallelConfig:
     """Model parallel layout; data parallelism is whatever is left of the world size."""
 
     tensor_parallel: int = 1
+    """Tensor-parallel size (megatron TP; with sequence parallelism, which MoE requires)."""
     expert_parallel: int = 1
+    """Expert-parallel size: each rank holds num_experts / expert_parallel experts."""
     sequence_parallel: Optional[bool] = None
     """Defaults to True whenever tensor_parallel > 1 (megatron requires it for MoE training)."""
 

@@ -298,6 +298,11 @@ class VQMoEGPTModel(GPTModel):
         for layer in self.moe_layers():
             layer.reset_parameters(seed)
 
+    def begin_codebook_step(self, step: int, seed: int) -> None:
+        """Before optimizer step ``step`` (every rank): seed each codebook's restart sampling."""
+        for layer in self.vq_layers():
+            layer.begin_codebook_step(step, seed)
+
     def maintain_codebooks(
         self, step: int, seed: int, write_rows: RowWriter = write_rows_in_place
     ) -> dict[int, CodeRestart]:

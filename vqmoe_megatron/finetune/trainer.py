@@ -95,9 +95,7 @@ def freeze_unused(gpt: VQMoEGPTModel, train_codebook: bool) -> None:
     """Freeze what fine-tuning does not learn: the codebooks (unless ``train_codebook``, in
     either routing mode) and an untied LM output layer (the head replaces it)."""
     for layer in gpt.vq_layers():
-        codebook = layer.router.quantizer.codebook
-        if isinstance(codebook, torch.nn.Parameter):
-            codebook.requires_grad_(train_codebook)
+        layer.router.quantizer.set_trainable(train_codebook)
     weight = getattr(gpt.output_layer, "weight", None)
     if weight is not None:
         weight.requires_grad_(False)
@@ -333,16 +331,10 @@ class GlueFinetuner(LoopControl):
         self.log.info(f"training steps {first}..{train.steps}")
         for step in range(first, train.steps + 1):
             began = time.perf_counter()
+            self.gpt.begin_codebook_step(step, train.seed)
             totals, nonfinite = self._train_step(step)
             self.state.step = step
-            maintain_codebooks(
-                self.gpt,
-                self.engine,
-                step,
-                train.seed,
-                self.log,
-                applied=self.cfg.finetune.train_codebook and not nonfinite,
-            )
+            maintain_codebooks(self.gpt, self.engine, step, train.seed, self.log, not nonfinite)
             self.count_nonfinite(step, nonfinite, "lower --lr")
             if not nonfinite:
                 window[:3] = [w + t for w, t in zip(window[:3], totals)]

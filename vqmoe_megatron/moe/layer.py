@@ -31,11 +31,15 @@ from vqmoe_megatron.moe.transformer_config import VQMoETransformerConfig
 from vqmoe_megatron.moe.vq import CodeRestart
 
 
+def derived_seed(*keys: object) -> int:
+    """A seed from a stable hash of ``keys`` (independent of layout and order)."""
+    return int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16)
+
+
 def derived_generator(*keys: object) -> torch.Generator:
-    """A CPU generator seeded by a stable hash of ``keys`` (independent of layout and order)."""
-    digest = hashlib.sha256(repr(keys).encode()).hexdigest()
+    """A CPU generator seeded by :func:`derived_seed` of ``keys``."""
     generator = torch.Generator()
-    generator.manual_seed(int(digest[:15], 16))
+    generator.manual_seed(derived_seed(*keys))
     return generator
 
 
@@ -148,6 +152,10 @@ class VQMoELayer(PortableMoELayer):
     def set_routing_mode(self, mode: str) -> None:
         """Switch routing mode; 'discrete' drops the router and gate (see VQMoERouter)."""
         self.router.set_routing_mode(mode)
+
+    def begin_codebook_step(self, step: int, seed: int) -> None:
+        """Before optimizer step ``step``: seed the sampling of its restart candidates."""
+        self.router.quantizer.begin_step(derived_seed(seed, self.layer_number, "candidates", step))
 
     def maintain_codebook(self, step: int, seed: int) -> Optional[CodeRestart]:
         """Per-optimizer-step codebook upkeep (EMA, dead-code restarts); collective over DP."""

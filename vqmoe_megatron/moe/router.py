@@ -221,8 +221,8 @@ class VQMoERouter(MegatronModule):
         self.mode = mode
 
     def _freeze_codebook_if_configured(self) -> None:
-        if self.quantizer.update == "gradient" and not self.config.vqmoe_train_codebook_in_discrete:
-            self.quantizer.codebook.requires_grad_(False)
+        if not self.config.vqmoe_train_codebook_in_discrete:
+            self.quantizer.set_trainable(False)
 
     # ----------------------------------------------------------------------------- init
     @torch.no_grad()

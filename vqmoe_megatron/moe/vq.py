@@ -7,6 +7,8 @@ training precision.
 Statistics that decide future updates (EMA sums, code usage since the last dead-code check) are
 buffers that stay fp32/int64 under ``module.bfloat16()`` and are part of the state dict, so a run
 resumed from a checkpoint makes exactly the decisions an uninterrupted run would have made.
+Restart candidates are a uniform sample of one optimizer step's tokens, drawn with a generator
+seeded per step (:meth:`VectorQuantizer.begin_step`), so they need no checkpoint state.
 Everything that must agree across data-parallel ranks is reduced over ``group`` (the ranks that
 hold a replica of the codebook and see different tokens: tensor x data x context parallel).
 """
@@ -21,8 +23,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-MAX_RECENT_TOKENS = 1024
-"""Token vectors kept per rank as candidates for dead-code restarts."""
+MAX_RESTART_CANDIDATES = 1024
+"""Token vectors per rank kept, uniformly sampled over an optimizer step, for dead-code restarts."""
+MIN_EMA_COUNT = 1e-20
+"""A code's EMA count below which it has seen no tokens (its vector is left as it is)."""
 MAX_KMEANS_POINTS = 8192
 """Token vectors per rank used by the k-means initialisation."""
 
@@ -90,6 +94,14 @@ def kmeans(
     return centroids
 
 
+def _largest_keys(keys: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``MAX_RESTART_CANDIDATES`` largest ``keys`` [n] and their ``rows`` [n, H]."""
+    if keys.numel() <= MAX_RESTART_CANDIDATES:
+        return keys, rows
+    keys, keep = keys.topk(MAX_RESTART_CANDIDATES)
+    return keys, rows[keep]
+
+
 class _SquaredVQLoss(torch.autograd.Function):
     """``sum_t w_t (||sg(x_t) - c_k||^2 + beta ||x_t - sg(c_k)||^2)`` from ``offset = c_k - x_t``.
 
@@ -132,6 +144,8 @@ class VectorQuantizer(nn.Module):
     ``update='gradient'``: the codebook is a Parameter learned through the codebook term of the
     VQ loss (the reference code). ``update='ema'``: it is a buffer moved towards the mean of its
     assigned tokens after every optimizer step (VQ-VAE-2), and the loss only commits the tokens.
+    A codebook that is not :attr:`trainable` (discrete routing freezes it by default) is neither
+    moved by EMA nor restarted.
     """
 
     _FP32_BUFFERS = ("ema_count", "ema_sum", "step_sums")
@@ -170,15 +184,19 @@ class VectorQuantizer(nn.Module):
             self.codebook.sequence_parallel = sequence_parallel
         else:
             self.register_buffer("codebook", codebook)
+            # Both averages start at "no tokens seen" (see _ema_update).
             self.register_buffer("ema_count", torch.zeros(num_codes))
-            self.register_buffer("ema_sum", codebook.clone())
+            self.register_buffer("ema_sum", torch.zeros(num_codes, hidden_size))
+            self.ema_frozen = False
             self.register_buffer("step_sums", torch.zeros(num_codes, hidden_size), persistent=False)
         self.register_buffer("window_counts", torch.zeros(num_codes, dtype=torch.long))
         self.register_buffer(
             "step_counts", torch.zeros(num_codes, dtype=torch.long), persistent=False
         )
         self.register_buffer("needs_data_init", torch.tensor(data_init))
-        self.recent: Optional[torch.Tensor] = None
+        self.candidates: Optional[torch.Tensor] = None
+        self._candidate_keys: Optional[torch.Tensor] = None
+        self._candidate_generator: Optional[torch.Generator] = None
 
     def _apply(self, fn, recurse: bool = True):
         """Keep the EMA statistics in fp32 when the module is cast to bf16/fp16."""
@@ -197,8 +215,22 @@ class VectorQuantizer(nn.Module):
         fresh = torch.randn(self.num_codes, self.hidden_size, generator=generator) * self.init_std
         self.codebook.copy_(fresh.to(self.codebook))
         if self.update == "ema":
-            self.ema_sum.copy_(fresh)
+            self.ema_sum.zero_()
             self.ema_count.zero_()
+
+    @property
+    def trainable(self) -> bool:
+        """Whether training moves the codebook (gradient or EMA) and restarts its dead codes."""
+        if self.update == "gradient":
+            return self.codebook.requires_grad
+        return not self.ema_frozen
+
+    def set_trainable(self, trainable: bool) -> None:
+        """Freeze (or unfreeze) the codebook; call before the optimizer is built."""
+        if self.update == "gradient":
+            self.codebook.requires_grad_(trainable)
+        else:
+            self.ema_frozen = not trainable
 
     @torch.no_grad()
     def l2_scores(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,19 +302,49 @@ class VectorQuantizer(nn.Module):
         ).sum(dim=-1)
         return (per_token * weights).sum()
 
+    def begin_step(self, seed: int) -> None:
+        """Seed the sampling of restart candidates for the optimizer step about to run.
+
+        Call on every rank before the step's first forward pass with a seed derived from the
+        step, so that a resumed run samples what an uninterrupted one would have sampled.
+        """
+        generator = torch.Generator(device=self.codebook.device)
+        generator.manual_seed(seed)
+        self._candidate_generator = generator
+
     @torch.no_grad()
     def record(self, x: torch.Tensor, codes: torch.Tensor) -> None:
-        """Accumulate this micro-batch's code usage (and EMA sums); keep restart candidates."""
+        """Accumulate a micro-batch's code usage (and EMA sums) and sample restart candidates.
+
+        ``x`` [T, H] holds the micro-batch's real (non-padding) tokens, ``codes`` [T] theirs.
+        """
         self.step_counts += torch.bincount(codes, minlength=self.num_codes)
         if self.update == "ema":
             self.step_sums.index_add_(0, codes, x.detach().float())
-        self.recent = x.detach()[:MAX_RECENT_TOKENS].float().clone()
+        self._sample_candidates(x.detach())
+
+    def _sample_candidates(self, x: torch.Tensor) -> None:
+        """Keep a uniform sample, without replacement, of at most ``MAX_RESTART_CANDIDATES`` of
+        all the step's tokens so far: every token draws a random key and the largest keys stay
+        (priority sampling), so the sample is drawn from every micro-batch and position alike.
+        """
+        if self._candidate_generator is None:
+            self.begin_step(0)
+        keys = torch.rand(x.shape[0], generator=self._candidate_generator, device=x.device)
+        keys, rows = _largest_keys(keys, x)
+        rows = rows.to(torch.float32, copy=True)
+        if self.candidates is not None:
+            keys, rows = _largest_keys(
+                torch.cat([self._candidate_keys, keys]), torch.cat([self.candidates, rows])
+            )
+        self.candidates, self._candidate_keys = rows, keys
 
     def discard_step_statistics(self) -> None:
-        """Forget this step's usage (the step was skipped, e.g. for a non-finite loss)."""
+        """Forget this step's usage and candidates (a skipped step, or a frozen codebook)."""
         self.step_counts.zero_()
         if self.update == "ema":
             self.step_sums.zero_()
+        self.candidates = self._candidate_keys = None
 
     @torch.no_grad()
     def init_from_data(
@@ -325,7 +387,11 @@ class VectorQuantizer(nn.Module):
         directly; for a gradient-learned codebook the returned :class:`CodeRestart` must be
         written into the parameter AND the optimizer's master copy by the caller (a plain
         in-place write would be overwritten by ZeRO's fp32 master weights at the next step).
+        A frozen codebook only forgets the step's statistics.
         """
+        if not self.trainable:
+            self.discard_step_statistics()
+            return None
         counts = self.step_counts.clone()
         _all_reduce(counts, group)
         if self.update == "ema":
@@ -335,20 +401,28 @@ class VectorQuantizer(nn.Module):
             self.step_sums.zero_()
         self.window_counts += counts
         self.step_counts.zero_()
-        if interval <= 0 or step % interval != 0:
-            return None
-        restart = self._dead_code_restart(generator, group)
-        self.window_counts.zero_()
+        restart = None
+        if interval > 0 and step % interval == 0:
+            restart = self._dead_code_restart(generator, group)
+            self.window_counts.zero_()
+        self.candidates = self._candidate_keys = None
         return restart
 
     def _ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
+        """Exponential moving averages of each code's token count and token sum; the code moves
+        to their ratio, the decayed mean of its tokens.
+
+        Both averages start at zero ("no tokens seen"; k-means and restarts set a consistent
+        pseudo-count of 1), so the ratio needs no bias correction: after its first tokens a code
+        sits at their mean, and a code that has seen no tokens keeps its vector. (VQ-VAE-2's
+        Laplace smoothing of the counts is not used: it pulls rarely used codes towards zero.)
+        """
         decay = self.ema_decay
         self.ema_count.mul_(decay).add_(counts.float(), alpha=1 - decay)
         self.ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
-        total = self.ema_count.sum()
-        eps = 1e-5
-        smoothed = (self.ema_count + eps) / (total + self.num_codes * eps) * total
-        self.codebook.copy_(self.ema_sum / smoothed.clamp(min=eps).unsqueeze(1))
+        seen = self.ema_count > MIN_EMA_COUNT
+        means = self.ema_sum / self.ema_count.clamp(min=MIN_EMA_COUNT).unsqueeze(1)
+        self.codebook.copy_(torch.where(seen.unsqueeze(1), means, self.codebook))
 
     def dead_codes(self) -> torch.Tensor:
         """Codes used by less than ``dead_code_threshold`` of their fair share in this window."""
@@ -362,22 +436,42 @@ class VectorQuantizer(nn.Module):
         self, generator: torch.Generator, group: Optional[dist.ProcessGroup]
     ) -> Optional[CodeRestart]:
         dead = self.dead_codes()
-        if dead.numel() == 0 or self.recent is None:
+        if dead.numel() == 0:
             return None
-        # Each rank proposes candidates from its own recent tokens; dead code j takes the
-        # candidate of rank (j mod world), so all ranks agree and candidates span all ranks.
-        recent = self.recent
-        pick = torch.randint(recent.shape[0], (dead.numel(),), generator=generator)
-        proposals = recent[pick.to(recent.device)]
+        # Each rank proposes distinct candidates from its own sample of the step's tokens; dead
+        # code j takes the proposal of the (j mod n)-th of the n ranks that have candidates, so
+        # all ranks agree and the new codes come from every rank.
+        proposals, have = self._propose(dead.numel(), generator)
         world = _group_size(group)
         if world > 1:
             gathered = [torch.zeros_like(proposals) for _ in range(world)]
             dist.all_gather(gathered, proposals, group=group)
-            stacked = torch.stack(gathered)  # [world, n_dead, H]
-            owner = torch.arange(dead.numel(), device=stacked.device) % world
-            proposals = stacked[owner, torch.arange(dead.numel(), device=stacked.device)]
+            flags = [torch.zeros_like(have) for _ in range(world)]
+            dist.all_gather(flags, have, group=group)
+            owners = torch.cat(flags).nonzero().flatten()
+            if owners.numel() == 0:
+                return None
+            index = torch.arange(dead.numel(), device=proposals.device)
+            proposals = torch.stack(gathered)[owners[index % owners.numel()], index]
+        elif not bool(have):
+            return None
         if self.update == "ema":
             self.codebook[dead] = proposals.to(self.codebook)
             self.ema_sum[dead] = proposals
             self.ema_count[dead] = 1.0
         return CodeRestart(codes=dead, vectors=proposals)
+
+    def _propose(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count`` candidate rows [count, H] (distinct while there are enough) and whether this
+        rank has any candidates ([1] bool; zero rows when it has none)."""
+        device = self.codebook.device
+        candidates = self.candidates
+        if candidates is None or candidates.shape[0] == 0:
+            empty = torch.zeros(count, self.hidden_size, device=device)
+            return empty, torch.zeros(1, dtype=torch.bool, device=device)
+        available = candidates.shape[0]
+        if count <= available:
+            pick = torch.randperm(available, generator=generator)[:count]
+        else:
+            pick = torch.randint(available, (count,), generator=generator)
+        return candidates[pick.to(device)], torch.ones(1, dtype=torch.bool, device=device)

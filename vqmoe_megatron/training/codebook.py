@@ -58,7 +58,7 @@ def maintain_codebooks(
 ) -> None:
     """After optimizer step ``step`` (every rank): fold its code usage into the codebooks (EMA,
     dead-code restarts written through ZeRO's master weights) when ``applied``; otherwise (a
-    skipped step, or a codebook that is not being learned) forget the step's usage."""
+    skipped step) forget the step's usage. Frozen codebooks are left alone either way."""
     if applied:
         restarts = gpt.maintain_codebooks(step, seed, write_rows=write_codebook_rows(engine))
         for layer, restart in restarts.items():

@@ -368,13 +368,12 @@ class Pretrainer(LoopControl):
         )
         for step in range(start_step + 1, train.steps + 1):
             began = time.perf_counter()
+            self.gpt.begin_codebook_step(step, train.seed)
             nll, count, nonfinite = self._train_step(batches, step)
             self.state.step = step
             self.state.consumed_samples += self.tokens_per_step // self.cfg.model.seq_length
             self.state.consumed_tokens += self.tokens_per_step
-            maintain_codebooks(
-                self.gpt, self.engine, step, self.cfg.train.seed, self.log, applied=not nonfinite
-            )
+            maintain_codebooks(self.gpt, self.engine, step, train.seed, self.log, not nonfinite)
             self.count_nonfinite(
                 step, nonfinite, "lower train.lr or raise train.warmup_steps / train.grad_clip"
             )
