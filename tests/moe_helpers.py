@@ -18,6 +18,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from vqmoe_megatron.config import ModelConfig, MoEConfig, ParallelConfig
 from vqmoe_megatron.distributed import init_distributed
 from vqmoe_megatron.model import build_mlp_block
+from vqmoe_megatron.parallel_tensors import global_tensors, is_expert_param
 
 TINY_MODEL = ModelConfig(
     num_layers=2,
@@ -71,14 +72,33 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().double().clone().requires_grad_(t.requires_grad)
 
 
+def expert_weights(layer, grads: bool = False) -> tuple[list, list]:
+    """(fc1 list, fc2 list) of an MoE layer's local experts' weights (or their gradients, None
+    where there is none) under either expert backend (SequentialMLP's modules or the
+    grouped-GEMM stacks)."""
+    tensors = {}
+    ep_rank = layer.local_expert_indices[0] // layer.num_local_experts
+    for name, param in layer.named_parameters():
+        tensor = param.grad if grads else param
+        if is_expert_param(name) and tensor is not None:
+            tensors.update(global_tensors(name, tensor, layer.num_local_experts, ep_rank))
+    return tuple(
+        [
+            tensors.get(f"experts.local_experts.{i}.linear_fc{fc}.weight")
+            for i in layer.local_expert_indices
+        ]
+        for fc in (1, 2)
+    )
+
+
 def naive_params(layer) -> NaiveParams:
     """Copy a single-rank VQMoE layer's parameters into float64 leaves."""
     router = layer.router
-    experts = layer.experts.local_experts
+    fc1, fc2 = expert_weights(layer)
     ln = lambda m: None if m is None else (_leaf(m.weight), _leaf(m.bias))  # noqa: E731
     return NaiveParams(
-        fc1=[_leaf(e.linear_fc1.weight) for e in experts],
-        fc2=[_leaf(e.linear_fc2.weight) for e in experts],
+        fc1=[_leaf(w) for w in fc1],
+        fc2=[_leaf(w) for w in fc2],
         codebook=_leaf(router.quantizer.codebook),
         router=None if router.continuous is None else _leaf(router.continuous.weight),
         gate_w=None if router.gate is None else _leaf(router.gate.linear.weight),

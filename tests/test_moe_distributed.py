@@ -14,6 +14,7 @@ from dist_utils import torchrun
 from moe_helpers import build_moe_layer, init_single_process, moe_variant
 
 from vqmoe_megatron.moe import metrics
+from vqmoe_megatron.parallel_tensors import gather_full_tensors, global_tensors
 
 TOL = dict(rtol=1e-6, atol=1e-8)
 
@@ -30,21 +31,25 @@ def _reference(moe, x, proj):
     xr = x.clone().requires_grad_(True)
     y, _ = layer(xr)
     (y * proj).sum().backward()
-    grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+    grads = {}
+    for name, param in layer.named_parameters():
+        if param.grad is not None:
+            grads.update(global_tensors(name, param.grad, layer.num_local_experts, ep_rank=0))
     metrics.reset()
     return y.detach(), xr.grad, grads
 
 
 @pytest.mark.parametrize(
-    "dispatcher,mode,expert_input",
+    "dispatcher,mode,expert_input,backend",
     [
-        ("alltoall", "pretrain", "paper"),
-        ("allgather", "pretrain", "paper"),
-        ("alltoall", "pretrain", "token"),
-        ("alltoall", "discrete", "paper"),
+        ("alltoall", "pretrain", "paper", "grouped"),
+        ("allgather", "pretrain", "paper", "grouped"),
+        ("alltoall", "pretrain", "token", "grouped"),
+        ("alltoall", "discrete", "paper", "grouped"),
+        ("alltoall", "pretrain", "paper", "sequential"),
     ],
 )
-def test_expert_parallel_matches_single_process(tmp_path, dispatcher, mode, expert_input):
+def test_expert_parallel_matches_single_process(tmp_path, dispatcher, mode, expert_input, backend):
     torchrun(
         "moe_layer_parallel.py",
         2,
@@ -56,9 +61,15 @@ def test_expert_parallel_matches_single_process(tmp_path, dispatcher, mode, expe
         mode,
         "--expert-input",
         expert_input,
+        "--expert-backend",
+        backend,
     )
     moe = moe_variant(
-        token_dispatcher=dispatcher, routing_mode=mode, expert_input=expert_input, topk=2
+        token_dispatcher=dispatcher,
+        routing_mode=mode,
+        expert_input=expert_input,
+        topk=2,
+        expert_backend=backend,
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     expert_sum: dict[str, torch.Tensor] = {}
@@ -77,25 +88,51 @@ def test_expert_parallel_matches_single_process(tmp_path, dispatcher, mode, expe
         torch.testing.assert_close(grad, expert_sum[name], **TOL)
 
 
-@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
-def test_tensor_parallel_whole_model_matches_single_process(tmp_path, dispatcher):
+@pytest.mark.parametrize(
+    "dispatcher,backend,activation",
+    [
+        ("alltoall", "grouped", "gelu"),
+        ("allgather", "grouped", "gelu"),
+        ("alltoall", "grouped", "swiglu"),
+        ("alltoall", "sequential", "gelu"),
+    ],
+)
+def test_tensor_parallel_whole_model_matches_single_process(
+    tmp_path, dispatcher, backend, activation
+):
     """TP = 2 with sequence parallelism: same loss and every (gathered) gradient as TP = 1."""
+    from dataclasses import replace
+
     from moe_helpers import TINY_MODEL
 
     from vqmoe_megatron.config import ParallelConfig
     from vqmoe_megatron.model import build_model
 
-    torchrun("gpt_tensor_parallel.py", 2, "--out", str(tmp_path), "--dispatcher", dispatcher)
+    torchrun(
+        "gpt_tensor_parallel.py",
+        2,
+        "--out",
+        str(tmp_path),
+        "--dispatcher",
+        dispatcher,
+        "--expert-backend",
+        backend,
+        "--activation",
+        activation,
+    )
     result = torch.load(tmp_path / "tp2.pt")
-    moe = moe_variant(token_dispatcher=dispatcher, topk=2)
-    model = build_model(TINY_MODEL, moe, ParallelConfig(), seed=11).double()
+    moe = moe_variant(token_dispatcher=dispatcher, topk=2, expert_backend=backend)
+    model_cfg = replace(TINY_MODEL, activation=activation)
+    model = build_model(model_cfg, moe, ParallelConfig(), seed=11).double()
     torch.manual_seed(5)
     tokens = torch.randint(0, TINY_MODEL.vocab_size, (4, TINY_MODEL.seq_length + 1))
     loss = model(tokens[:, :-1], None, None, labels=tokens[:, 1:]).mean()
     loss.backward()
     metrics.reset()
     torch.testing.assert_close(result["loss"], loss.detach(), **TOL)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    grads = gather_full_tensors(
+        model, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    )
     assert sorted(result["grads"]) == sorted(grads)
     for name, grad in grads.items():
         torch.testing.assert_close(result["grads"][name], grad, rtol=1e-6, atol=1e-9, msg=name)

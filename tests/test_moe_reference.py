@@ -12,7 +12,14 @@ import itertools
 
 import pytest
 import torch
-from moe_helpers import build_moe_layer, init_single_process, moe_variant, naive_params, naive_vqmoe
+from moe_helpers import (
+    build_moe_layer,
+    expert_weights,
+    init_single_process,
+    moe_variant,
+    naive_params,
+    naive_vqmoe,
+)
 
 from vqmoe_megatron.moe import metrics
 
@@ -51,8 +58,10 @@ def _compare(layer, moe, mode: str, seed: int = 0):
     torch.testing.assert_close(x_grad, x_ref.grad, **TOL)
     router = layer.router
     pairs = [(router.quantizer.codebook, ref.codebook)]
-    for i, expert in enumerate(layer.experts.local_experts):
-        pairs += [(expert.linear_fc1.weight, ref.fc1[i]), (expert.linear_fc2.weight, ref.fc2[i])]
+    fc1_grads, fc2_grads = expert_weights(layer, grads=True)
+    for i in range(len(ref.fc1)):
+        torch.testing.assert_close(fc1_grads[i], ref.fc1[i].grad, **TOL)
+        torch.testing.assert_close(fc2_grads[i], ref.fc2[i].grad, **TOL)
     if mode == "pretrain":
         pairs += [
             (router.continuous.weight, ref.router),

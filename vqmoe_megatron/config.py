@@ -75,6 +75,11 @@ class MoEConfig:
     token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     capacity_factor: Optional[float] = None
     """None: dropless. Only the continuous path is capacity-limited."""
+    expert_backend: Literal["auto", "grouped", "sequential", "te"] = "auto"
+    """Routed-expert kernels (same weights and checkpoints for all): 'grouped' (one
+    torch._grouped_mm per projection, CPU and CUDA), 'sequential' (megatron's SequentialMLP, a
+    loop over experts), 'te' (Transformer Engine's grouped linear; CUDA with TE); 'auto': 'te'
+    where the model uses Transformer Engine, else 'grouped'."""
 
     # Continuous router.
     pre_softmax: bool = True

@@ -28,10 +28,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from vqmoe_megatron.compat import DeviceSafeRotaryEmbedding, SDPACoreAttention, SPTorchNorm
-from vqmoe_megatron.config import ModelConfig, MoEConfig, ParallelConfig
+from vqmoe_megatron.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
 from vqmoe_megatron.moe import (
     CodeRestart,
     ContinuousRouter,
+    GroupedGemmExperts,
     PortableMoELayer,
     VQMoELayer,
     VQMoERouter,
@@ -89,6 +90,19 @@ def use_transformer_engine(model: ModelConfig) -> bool:
     return model.use_transformer_engine == "auto" and transformer_engine_available()
 
 
+def expert_backend(model: ModelConfig, moe: MoEConfig) -> str:
+    """The resolved ``moe.expert_backend``: 'grouped', 'sequential' or 'te'."""
+    use_te = use_transformer_engine(model)
+    if moe.expert_backend == "auto":
+        return "te" if use_te else "grouped"
+    if moe.expert_backend == "te" and not use_te:
+        raise ConfigError(
+            "moe.expert_backend=te needs Transformer Engine on CUDA (and model."
+            "use_transformer_engine=auto); use moe.expert_backend=grouped or sequential"
+        )
+    return moe.expert_backend
+
+
 def build_transformer_config(
     model: ModelConfig,
     moe: MoEConfig,
@@ -103,7 +117,7 @@ def build_transformer_config(
     sequence_parallel = (
         parallel.sequence_parallel if parallel.sequence_parallel is not None else tp > 1
     )
-    use_te = use_transformer_engine(model)
+    backend = expert_backend(model, moe)
     swiglu = model.activation == "swiglu"
     reference = moe.reference_router
     return VQMoETransformerConfig(
@@ -146,10 +160,11 @@ def build_transformer_config(
         moe_router_dtype=moe.router_dtype,
         moe_token_dispatcher_type=moe.token_dispatcher,
         moe_expert_capacity_factor=moe.capacity_factor,
-        moe_grouped_gemm=use_te,
+        moe_grouped_gemm=backend == "te",
         moe_permute_fusion=False,
         moe_router_fusion=False,
         vqmoe_router=moe.router,
+        vqmoe_expert_backend=backend,
         vqmoe_reference_router=reference,
         vqmoe_routing_mode=moe.routing_mode,
         vqmoe_num_codes=moe.num_codes,
@@ -182,7 +197,7 @@ def _layer_spec(config: VQMoETransformerConfig, moe: bool, use_te: bool) -> Modu
 
         spec = copy.deepcopy(
             get_gpt_layer_with_transformer_engine_spec(
-                num_experts=num_experts, moe_grouped_gemm=moe
+                num_experts=num_experts, moe_grouped_gemm=config.moe_grouped_gemm
             )
         )
     else:
@@ -196,6 +211,8 @@ def _layer_spec(config: VQMoETransformerConfig, moe: bool, use_te: bool) -> Modu
         vq = config.vqmoe_router == "vqmoe"
         spec.submodules.mlp.module = VQMoELayer if vq else PortableMoELayer
         spec.submodules.mlp.submodules.router = VQMoERouter if vq else ContinuousRouter
+        if config.vqmoe_expert_backend == "grouped":
+            spec.submodules.mlp.submodules.experts = ModuleSpec(module=GroupedGemmExperts)
     return spec
 
 

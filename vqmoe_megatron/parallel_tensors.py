@@ -25,17 +25,44 @@ _GROUPED_EXPERT = re.compile(
     r"^(?P<pre>(?:.*\.)?experts\.linear_fc[12]\.weight)(?P<idx>\d+)(?P<post>)$"
 )
 
+_STACKED_EXPERTS = re.compile(r"^(?P<pre>(?:.*\.)?experts\.)fc(?P<fc>[12])_weight$")
+"""``GroupedGemmExperts``' [L, out, in] stacks; named per expert like SequentialMLP's weights."""
+
 
 def _expert_match(name: str) -> Optional[re.Match]:
     return _SEQUENTIAL_EXPERT.match(name) or _GROUPED_EXPERT.match(name)
 
 
 def is_expert_param(name: str) -> bool:
-    """Whether a parameter name belongs to a routed expert (SequentialMLP or TE grouped GEMM).
+    """Whether a parameter name belongs to routed experts (SequentialMLP, TE grouped GEMM or the
+    grouped-GEMM stacks).
 
     By name, because megatron's ``allreduce`` flag on expert weights is only False at EP > 1.
     """
-    return _expert_match(name) is not None
+    return _expert_match(name) is not None or _STACKED_EXPERTS.match(name) is not None
+
+
+def _stacked_names(name: str, num_local_experts: int, ep_rank: int) -> Optional[list[str]]:
+    """SequentialMLP-style global names of the experts in stack ``name`` (None: not a stack)."""
+    match = _STACKED_EXPERTS.match(name)
+    if match is None:
+        return None
+    first = ep_rank * num_local_experts
+    return [
+        f"{match['pre']}local_experts.{first + i}.linear_fc{match['fc']}.weight"
+        for i in range(num_local_experts)
+    ]
+
+
+def global_tensors(
+    name: str, tensor: torch.Tensor, num_local_experts: int, ep_rank: int
+) -> dict[str, torch.Tensor]:
+    """``{global name: tensor}`` for local parameter ``name``: one entry per expert of a
+    grouped-GEMM stack (copies, so a pickled entry does not carry the whole stack)."""
+    names = _stacked_names(name, num_local_experts, ep_rank)
+    if names is None:
+        return {global_name(name, num_local_experts, ep_rank): tensor}
+    return {key: tensor[i].clone() for i, key in enumerate(names)}
 
 
 def _ep_info() -> tuple[int, int]:
@@ -110,7 +137,7 @@ def gather_full_tensors(
     for name, tensor in tensors.items():
         full = _gather_tp(tensor, name, params[name]).cpu()
         if is_expert_param(name):
-            experts[global_name(name, num_local, ep_rank)] = full
+            experts.update(global_tensors(name, full, num_local, ep_rank))
         else:
             dense[name] = full
     if ep_size > 1:
@@ -131,14 +158,20 @@ def shard_full_tensors(
     """
     ep_rank, _ = _ep_info()
     num_local = _num_local_experts(model)
-    local: dict[str, torch.Tensor] = {}
-    wanted = {}
-    for name, _ in model.named_parameters():
-        wanted[name] = global_name(name, num_local, ep_rank)
-    missing = sorted(key for key in wanted.values() if key not in full)
+    wanted = {
+        name: _stacked_names(name, num_local, ep_rank) or [global_name(name, num_local, ep_rank)]
+        for name, _ in model.named_parameters()
+    }
+    missing = sorted(key for keys in wanted.values() for key in keys if key not in full)
     if missing:
         raise KeyError(f"missing {len(missing)} tensors, e.g. {missing[:5]}")
     params = dict(model.named_parameters())
-    for name, key in wanted.items():
-        local[name] = _shard_tp(full[key], name, params[name])
+    local: dict[str, torch.Tensor] = {}
+    for name, keys in wanted.items():
+        tensor = (
+            full[keys[0]]
+            if _STACKED_EXPERTS.match(name) is None
+            else torch.stack([full[key] for key in keys])
+        )
+        local[name] = _shard_tp(tensor, name, params[name])
     return local

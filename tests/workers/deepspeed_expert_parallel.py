@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 from megatron.core import parallel_state
-from moe_helpers import TINY_MODEL, moe_variant
+from moe_helpers import TINY_MODEL, expert_weights, moe_variant
 
 from vqmoe_megatron.config import ParallelConfig, TrainConfig
 from vqmoe_megatron.distributed import destroy_distributed, init_distributed
@@ -49,10 +49,7 @@ def main() -> None:
     losses = [torch.zeros(()) for _ in range(dist.get_world_size())]
     dist.all_gather(losses, loss.detach().reshape(()))
     local = {
-        "expert": gpt.decoder.layers[0]
-        .mlp.experts.local_experts[0]
-        .linear_fc1.weight.detach()
-        .clone(),
+        "expert": expert_weights(gpt.decoder.layers[0].mlp)[0][0].detach().clone(),
         "dense": gpt.decoder.layers[0].self_attention.linear_qkv.weight.detach().clone(),
     }
     views = [None] * dist.get_world_size()

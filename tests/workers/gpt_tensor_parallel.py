@@ -6,6 +6,7 @@ then every gradient is gathered into full tensors; rank 0 saves loss and gradien
 """
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,11 +27,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--dispatcher", default="alltoall")
+    parser.add_argument("--expert-backend", default="grouped")
+    parser.add_argument("--activation", default=TINY_MODEL.activation)
     args = parser.parse_args()
     layout = init_distributed(tensor_parallel=2, expert_parallel=1)
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    moe = moe_variant(token_dispatcher=args.dispatcher, topk=2)
-    model = build_model(TINY_MODEL, moe, ParallelConfig(tensor_parallel=2), seed=11).double()
+    moe = moe_variant(token_dispatcher=args.dispatcher, topk=2, expert_backend=args.expert_backend)
+    model_cfg = replace(TINY_MODEL, activation=args.activation)
+    model = build_model(model_cfg, moe, ParallelConfig(tensor_parallel=2), seed=11).double()
     torch.manual_seed(5)
     tokens = torch.randint(0, TINY_MODEL.vocab_size, (4, TINY_MODEL.seq_length + 1))
     loss = model(tokens[:, :-1], None, None, labels=tokens[:, 1:]).mean()

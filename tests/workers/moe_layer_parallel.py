@@ -14,7 +14,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from moe_helpers import build_moe_layer, moe_variant
 
 from vqmoe_megatron.distributed import destroy_distributed, init_distributed
-from vqmoe_megatron.parallel_tensors import global_name, is_expert_param
+from vqmoe_megatron.parallel_tensors import global_tensors, is_expert_param
 
 S, B = 6, 4
 
@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--mode", default="pretrain")
     parser.add_argument("--expert-input", default="paper")
     parser.add_argument("--topk", type=int, default=2)
+    parser.add_argument("--expert-backend", default="grouped")
     args = parser.parse_args()
 
     layout = init_distributed(tensor_parallel=1, expert_parallel=int(os.environ["WORLD_SIZE"]))
@@ -35,6 +36,7 @@ def main() -> None:
         routing_mode=args.mode,
         expert_input=args.expert_input,
         topk=args.topk,
+        expert_backend=args.expert_backend,
     )
     layer = build_moe_layer(moe).double().train()
     torch.manual_seed(100 + layout.rank)
@@ -49,7 +51,7 @@ def main() -> None:
         if param.grad is None:
             continue
         if is_expert_param(name):
-            experts[global_name(name, num_local, layout.rank)] = param.grad
+            experts.update(global_tensors(name, param.grad, num_local, layout.rank))
         else:
             dense[name] = param.grad
     torch.save(

@@ -1,11 +1,13 @@
 """VQMoE layers for megatron-core, one concern per module.
 
 ``vq`` (codebook) -> ``router`` (continuous router, VQ routing, gate -> RoutingPlan) ->
-``dispatcher`` (portable all-to-all) -> megatron experts -> ``layer`` (fused dispatch/combine);
+``dispatcher`` (portable all-to-all) -> experts (``experts``: grouped GEMMs on
+``grouped_gemm``, or megatron's) -> ``layer`` (fused dispatch/combine);
 ``expert_input`` builds what the discrete path's expert sees (and the stacked streams);
 ``metrics`` collects per-layer routing statistics; ``transformer_config`` carries the settings.
 """
 
+from vqmoe_megatron.moe.experts import GroupedGemmExperts
 from vqmoe_megatron.moe.layer import PortableMoELayer, VQMoELayer
 from vqmoe_megatron.moe.router import ContinuousRouter, RoutingPlan, VQMoERouter
 from vqmoe_megatron.moe.transformer_config import VQMoETransformerConfig
@@ -14,6 +16,7 @@ from vqmoe_megatron.moe.vq import CodeRestart, VectorQuantizer
 __all__ = [
     "CodeRestart",
     "ContinuousRouter",
+    "GroupedGemmExperts",
     "PortableMoELayer",
     "RoutingPlan",
     "VQMoELayer",

@@ -25,6 +25,7 @@ from vqmoe_megatron.moe.dispatcher import (
     PortableAlltoAllTokenDispatcher,
     allow_alltoall_dispatcher_without_cuda,
 )
+from vqmoe_megatron.moe.experts import GroupedGemmExperts
 from vqmoe_megatron.moe.router import VQMoERouter
 from vqmoe_megatron.moe.transformer_config import VQMoETransformerConfig
 from vqmoe_megatron.moe.vq import CodeRestart
@@ -42,15 +43,21 @@ def derived_generator(*keys: object) -> torch.Generator:
     return generator
 
 
-def _expert_weight_params(experts: torch.nn.Module, local_idx: int) -> list:
-    """(fc1 weight, fc2 weight) of local expert ``local_idx`` for SequentialMLP / TEGroupedMLP."""
+def _expert_weights(experts: torch.nn.Module, local_idx: int) -> list[tuple]:
+    """(tensor, partition_dim, partition_stride) of local expert ``local_idx``'s fc1 and fc2
+    weights for SequentialMLP, TEGroupedMLP and GroupedGemmExperts (views of its stacks)."""
+    if isinstance(experts, GroupedGemmExperts):
+        fc1, fc2 = experts.expert_weights(local_idx)
+        return [(fc1, 0, experts.fc1_weight.partition_stride), (fc2, 1, 1)]
     if hasattr(experts, "local_experts"):
         expert = experts.local_experts[local_idx]
-        return [expert.linear_fc1.weight, expert.linear_fc2.weight]
-    return [
-        getattr(experts.linear_fc1, f"weight{local_idx}"),
-        getattr(experts.linear_fc2, f"weight{local_idx}"),
-    ]
+        params = [expert.linear_fc1.weight, expert.linear_fc2.weight]
+    else:
+        params = [
+            getattr(experts.linear_fc1, f"weight{local_idx}"),
+            getattr(experts.linear_fc2, f"weight{local_idx}"),
+        ]
+    return [(p, p.partition_dim, getattr(p, "partition_stride", 1)) for p in params]
 
 
 class PortableMoELayer(MoELayer):
@@ -89,22 +96,22 @@ class PortableMoELayer(MoELayer):
         etp_size = self.expert_tp_group.size()
         inits = (self.config.init_method, self.config.output_layer_init_method)
         for local_idx, global_idx in enumerate(self.local_expert_indices):
-            params = _expert_weight_params(self.experts, local_idx)
-            for which, (param, init_method) in enumerate(zip(params, inits)):
-                full_shape = list(param.shape)
-                full_shape[param.partition_dim] *= etp_size
+            weights = _expert_weights(self.experts, local_idx)
+            for which, ((weight, dim, stride), init_method) in enumerate(zip(weights, inits)):
+                full_shape = list(weight.shape)
+                full_shape[dim] *= etp_size
                 generator = derived_generator(seed, self.layer_number, "expert", global_idx, which)
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
                     _initialize_affine_weight_cpu(
-                        param,
+                        weight,
                         full_shape[0],
                         full_shape[1],
-                        param.shape[param.partition_dim],
-                        param.partition_dim,
+                        weight.shape[dim],
+                        dim,
                         init_method,
-                        stride=getattr(param, "partition_stride", 1),
-                        params_dtype=param.dtype,
+                        stride=stride,
+                        params_dtype=weight.dtype,
                         rank=etp_rank,
                         world_size=etp_size,
                         skip_set_tensor_parallel_attributes=True,

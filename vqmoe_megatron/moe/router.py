@@ -100,6 +100,18 @@ class MixingGate(nn.Module):
 
 
 @dataclass
+class FusedScores:
+    """Router logits, gate and code choice of one pretrain-mode input from ONE GEMM over x."""
+
+    router_logits: torch.Tensor
+    """``[S, B, E]`` in the router dtype, as megatron's ``TopKRouter.gating`` returns them."""
+    gate: torch.Tensor
+    """``[T, 2]`` = (g_c, g_d), as :class:`MixingGate` returns them."""
+    codes: torch.Tensor
+    """``[T]`` nearest code per token, as ``VectorQuantizer.assign`` returns them."""
+
+
+@dataclass
 class RoutingPlan:
     """What the VQMoE layer dispatches for one input ``[S, B, H]`` (T = S * B tokens).
 
@@ -272,6 +284,45 @@ class VQMoERouter(MegatronModule):
             metrics.record(self.layer_number, "micro_batches", shares)
         return loss * self.config.vqmoe_loss_coeff
 
+    def _fused_scores(self, hidden: torch.Tensor) -> Optional[FusedScores]:
+        """The router GEMM, the gate GEMM and the L2 code scores as one ``[T, E + 2 + K]`` GEMM
+        (one pass over x forward and one backward instead of three), where they share a dtype;
+        None otherwise (cosine distance, fp64 router on fp32 activations, input jitter, expert
+        bias, forced balancing), and the three run separately.
+
+        Same values and gradients as the separate path: the code scores take the detached
+        codebook and feed only an argmax, so no gradient flows through their columns.
+        """
+        router, cfg = self.continuous, self.config
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        if (
+            self.quantizer.distance != "l2"
+            or _ROUTER_DTYPES.get(cfg.moe_router_dtype, hidden.dtype) != dtype
+            or cfg.moe_input_jitter_eps is not None
+            or cfg.moe_router_enable_expert_bias
+            or cfg.moe_router_force_load_balancing
+        ):
+            return None
+        seq, batch, width = hidden.shape
+        code_weight, code_bias = self.quantizer.l2_scores(dtype)
+        router_bias = (
+            hidden.new_zeros(self.num_experts, dtype=dtype)
+            if router.bias is None
+            else router.bias.to(dtype)
+        )
+        gate = self.gate.linear
+        weight = torch.cat([router.weight.to(dtype), gate.weight.to(dtype), code_weight])
+        bias = torch.cat([router_bias, gate.bias.to(dtype), code_bias])
+        scores = F.linear(hidden.reshape(-1, width).to(dtype), weight, bias)
+        logits, gate_logits, code_scores = scores.split(
+            [self.num_experts, 2, self.quantizer.num_codes], dim=-1
+        )
+        return FusedScores(
+            router_logits=logits.view(seq, batch, self.num_experts),
+            gate=torch.softmax(gate_logits, dim=-1),
+            codes=code_scores.detach().argmax(dim=1),
+        )
+
     def forward(
         self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
     ) -> RoutingPlan:
@@ -284,7 +335,8 @@ class VQMoERouter(MegatronModule):
                 "codebook_init=kmeans: run the data-dependent initialisation "
                 "(vqmoe_megatron.training.codebook.initialize_codebooks) before training"
             )
-        codes = self.quantizer.assign(x)
+        fused = self._fused_scores(hidden) if self.mode == "pretrain" else None
+        codes = self.quantizer.assign(x) if fused is None else fused.codes
         if self.training and torch.is_grad_enabled():
             self.quantizer.record(
                 x if valid is None else x[valid], codes if valid is None else codes[valid]
@@ -310,8 +362,12 @@ class VQMoERouter(MegatronModule):
             self._record_metrics(codes, plan, valid, gate=None, probs_c=None, expert_d=expert_d)
             return plan
 
-        probs_c, map_c = self.continuous(hidden, padding_mask)
-        gate = self.gate(x)
+        if fused is None:
+            probs_c, map_c = self.continuous(hidden, padding_mask)
+            gate = self.gate(x)
+        else:  # TopKRouter.forward after its gating GEMM
+            probs_c, map_c = self.continuous.routing(fused.router_logits, padding_mask)
+            gate = fused.gate
         g_c, g_d = gate[:, :1], gate[:, 1:]
         merged = self.config.vqmoe_expert_input == "token" and not post_norm
         if merged:

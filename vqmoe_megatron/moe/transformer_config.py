@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 ROUTING_MODES = ("pretrain", "discrete")
 EXPERT_INPUTS = ("paper", "token", "quantized")
+EXPERT_BACKENDS = ("grouped", "sequential", "te")
 
 
 @dataclass
@@ -22,6 +23,9 @@ class VQMoETransformerConfig(TransformerConfig):
 
     vqmoe_router: str = "vqmoe"
     """'vqmoe' (two-path VQMoE router) or 'topk' (megatron's TopKRouter, the SMoE baseline)."""
+    vqmoe_expert_backend: str = "grouped"
+    """Routed experts: 'grouped' (experts.GroupedGemmExperts), 'sequential' (megatron's
+    SequentialMLP) or 'te' (TEGroupedMLP, with ``moe_grouped_gemm``)."""
     vqmoe_reference_router: bool = False
     """Reference-code router: softmax over the selected logits, no balance loss."""
     vqmoe_routing_mode: str = "pretrain"
@@ -48,6 +52,8 @@ class VQMoETransformerConfig(TransformerConfig):
         super().__post_init__()
         if self.vqmoe_router not in ("vqmoe", "topk"):
             raise ValueError(f"vqmoe_router must be 'vqmoe' or 'topk', got {self.vqmoe_router!r}")
+        if self.vqmoe_expert_backend not in EXPERT_BACKENDS:
+            raise ValueError(f"vqmoe_expert_backend must be one of {EXPERT_BACKENDS}")
         if self.vqmoe_routing_mode not in ROUTING_MODES:
             raise ValueError(f"vqmoe_routing_mode must be one of {ROUTING_MODES}")
         if self.vqmoe_expert_input not in EXPERT_INPUTS:

@@ -233,16 +233,24 @@ class VectorQuantizer(nn.Module):
             self.ema_frozen = not trainable
 
     @torch.no_grad()
+    def l2_scores(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [K, H], bias [K]) of the linear map whose argmax is the nearest L2 code:
+        argmin ||x - c||^2 = argmax 2 x.c - ||c||^2 (||x||^2 is constant per row). Detached,
+        so callers may fuse it into another GEMM over x (the router's)."""
+        cb = self.codebook.detach().to(dtype)
+        return 2.0 * cb, -(cb * cb).sum(dim=1)
+
+    @torch.no_grad()
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest code of every token: ``x`` [T, H] -> ``codes`` [T] (long)."""
         dtype = _compute_dtype(x)
         xf = x.detach().to(dtype)
-        cb = self.codebook.detach().to(dtype)
         if self.distance == "cosine":
+            cb = self.codebook.detach().to(dtype)
             scores = F.normalize(xf, dim=-1) @ F.normalize(cb, dim=-1).t()
         else:
-            # argmin ||x - c||^2 = argmax 2 x.c - ||c||^2 (||x||^2 is constant per row)
-            scores = torch.addmm(-(cb * cb).sum(dim=1), xf, cb.t(), alpha=2.0)
+            weight, bias = self.l2_scores(dtype)
+            scores = torch.addmm(bias, xf, weight.t())
         return scores.argmax(dim=1)
 
     @torch.no_grad()
