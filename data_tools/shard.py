@@ -16,7 +16,13 @@ sys.path.remove(str(Path(__file__).resolve().parent))
 from collections.abc import Sequence
 from typing import Optional
 
-from vqmoe_megatron.data.cli import available_cpus, parse_settings, run_cli, text_tool_parser
+from vqmoe_megatron.data.cli import (
+    available_cpus,
+    parse_settings,
+    print_replacements,
+    run_cli,
+    text_tool_parser,
+)
 from vqmoe_megatron.data.sharding import ShardSettings, build_shards
 
 
@@ -68,12 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             f"{name}: {split['documents']} documents, {split['tokens']:,} tokens, "
             f"{split['bytes']:,} bytes, {split['samples']} samples in {len(split['shards'])} shards"
         )
-    for source in manifest["sources"]:
-        if source["replaced_characters"]:
-            print(
-                f"warning: {source['path']}: replaced {source['replaced_characters']} invalid "
-                "UTF-8 sequences with U+FFFD"
-            )
+    print_replacements(manifest["sources"])
     skipped = sum(s["empty_documents"] for s in manifest["sources"])
     if skipped:
         print(f"skipped {skipped} empty documents")

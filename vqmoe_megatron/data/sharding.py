@@ -62,6 +62,7 @@ class ShardSettings:
     shard_size_mb: float = 128.0
     text_documents: TextDocuments = "file"
     jsonl_field: str = "text"
+    allow_invalid_text: bool = False
     workers: int = 1
     overwrite: bool = False
 
@@ -120,6 +121,7 @@ def _tokenize_chunk(chunk: Chunk) -> ChunkResult:
         w["sources"][chunk.source],
         text_documents=settings.text_documents,
         jsonl_field=settings.jsonl_field,
+        allow_invalid_text=settings.allow_invalid_text,
     )
     encoded = w["tokenizer"].processor.encode(decoded.texts, num_threads=1, add_eos=True)
     docs: tuple[list, list] = ([], [])

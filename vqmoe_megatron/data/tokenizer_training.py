@@ -56,6 +56,7 @@ class TokenizerSettings:
     split_digits: bool = False
     text_documents: TextDocuments = "file"
     jsonl_field: str = "text"
+    allow_invalid_text: bool = False
     seed: int = 1234
     threads: int = 1
     overwrite: bool = False
@@ -67,6 +68,7 @@ class _Counts:
     empty_documents: int = 0
     replaced_characters: int = 0
     sentences: int = 0
+    replaced_per_source: dict[int, int] = dataclasses.field(default_factory=dict)
     error: Optional[DataError] = None
 
 
@@ -93,11 +95,16 @@ def _sentences(
     bar = byte_progress(sources, "reading", progress)
     try:
         for chunk, decoded in iter_documents(
-            sources, text_documents=settings.text_documents, jsonl_field=settings.jsonl_field
+            sources,
+            text_documents=settings.text_documents,
+            jsonl_field=settings.jsonl_field,
+            allow_invalid_text=settings.allow_invalid_text,
         ):
             counts.documents += len(decoded.texts)
             counts.empty_documents += decoded.empty
             counts.replaced_characters += decoded.replaced
+            replaced = counts.replaced_per_source
+            replaced[chunk.source] = replaced.get(chunk.source, 0) + decoded.replaced
             for text in decoded.texts:
                 for line in text.split("\n"):
                     if line.strip():
@@ -183,7 +190,14 @@ def train_tokenizer(settings: TokenizerSettings, *, progress: bool = True) -> di
             "sep": tokenizer.sep_id,
         },
         "settings": dataclasses.asdict(settings),
-        "inputs": [{"path": str(s.path), "size": s.size} for s in sources],
+        "inputs": [
+            {
+                "path": str(s.path),
+                "size": s.size,
+                "replaced_characters": counts.replaced_per_source.get(number, 0),
+            }
+            for number, s in enumerate(sources)
+        ],
         "corpus": {
             "documents": counts.documents,
             "empty_documents": counts.empty_documents,
