@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn, Optional, TypeVar
 
 from vqmoe_megatron.data.errors import DataError
+from vqmoe_megatron.interrupt import run
 from vqmoe_megatron.data.sources import COMPRESSIONS, KINDS, MAX_REPLACED_SHARE
 
 T = TypeVar("T")
@@ -23,16 +24,17 @@ def run_cli(
     main: Callable[[Optional[Sequence[str]]], None], argv: Optional[Sequence[str]] = None
 ) -> NoReturn:
     """Run a command's ``main``: a DataError ends as one ``error: ...`` line and exit status 2,
-    Ctrl-C as exit status 130 with a hint that re-running resumes."""
-    try:
-        main(argv)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; outputs written so far are kept (re-run to resume)", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(0)
+    Ctrl-C as exit status 130 with a hint that re-running resumes (``interrupt.run``)."""
+
+    def work() -> int:
+        try:
+            main(argv)
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    run(work, "interrupted; outputs written so far are kept (re-run to resume)")
 
 
 def text_tool_parser(description: str) -> argparse.ArgumentParser:
