@@ -26,6 +26,7 @@ import numpy as np
 import sentencepiece as spm
 
 from vqmoe_megatron.data.errors import DataError
+from vqmoe_megatron.data.files import require_output_dir
 from vqmoe_megatron.data.manifest import FORMAT, FORMAT_VERSION, SPLITS
 from vqmoe_megatron.data.packing import StreamPacker
 from vqmoe_megatron.data.shard_format import member_bytes, shard_name, shard_tar, token_dtype
@@ -355,11 +356,18 @@ def build_shards(
     A re-run with the same inputs and settings verifies the existing shards and returns at once,
     or continues an interrupted run (see module docstring).
     """
-    if settings.seq_length < 1 or not 0.0 <= settings.valid_fraction < 1.0 or settings.workers < 1:
+    if (
+        settings.seq_length < 1
+        or not 0.0 <= settings.valid_fraction < 1.0
+        or settings.workers < 1
+        or not settings.shard_size_mb > 0
+    ):
         raise DataError(
-            f"need --seq-length >= 1, 0 <= --valid-fraction < 1 and --workers >= 1 (got "
-            f"{settings.seq_length}, {settings.valid_fraction}, {settings.workers})"
+            f"need --seq-length >= 1, 0 <= --valid-fraction < 1, --workers >= 1 and "
+            f"--shard-size-mb > 0 (got {settings.seq_length}, {settings.valid_fraction}, "
+            f"{settings.workers}, {settings.shard_size_mb})"
         )
+    require_output_dir("--output", settings.output)
     sources = resolve_inputs(settings.inputs)
     tokenizer = Tokenizer(settings.tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -404,12 +412,14 @@ def build_shards(
         done=done,
     )
     context = multiprocessing.get_context()
-    with context.Pool(
-        settings.workers,
-        initializer=_init_worker,
-        initargs=(settings.tokenizer, sources, settings, dtype),
-    ) as pool:
-        bar = byte_progress(sources, "sharding", progress)
+    with (
+        context.Pool(
+            settings.workers,
+            initializer=_init_worker,
+            initargs=(settings.tokenizer, sources, settings, dtype),
+        ) as pool,
+        byte_progress(sources, "sharding", progress) as bar,  # closed on errors too
+    ):
         pending: deque = deque()
 
         def drain(limit: int) -> None:
@@ -426,7 +436,6 @@ def build_shards(
             pending.append(pool.apply_async(_tokenize_task, (task,)))
             drain(2 * settings.workers)
         drain(0)
-        bar.close()
     if sum(t["documents"] for t in writer.totals.split.values()) == 0:
         empty = sum(s["empty_documents"] for s in writer.totals.source)
         raise DataError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import platform
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from typing import Literal, Optional
 import sentencepiece as spm
 
 from vqmoe_megatron.data.errors import DataError
-from vqmoe_megatron.data.files import write_bytes_atomic, write_json_atomic
+from vqmoe_megatron.data.files import require_output_dir, write_bytes_atomic, write_json_atomic
 from vqmoe_megatron.data.sources import (
     Source,
     TextDocuments,
@@ -126,6 +127,17 @@ def model_paths(output_prefix: str) -> tuple[Path, Path]:
 
 def train_tokenizer(settings: TokenizerSettings, *, progress: bool = True) -> dict:
     """Train, write ``<prefix>.model`` and ``<prefix>.json``; return the JSON's content."""
+    limits = {  # option: (value, lowest, highest, why)
+        "--vocab-size": (settings.vocab_size, 6, math.inf, "5 special pieces and one more"),
+        "--character-coverage": (settings.character_coverage, 0.98, 1, "sentencepiece's range"),
+        "--threads": (settings.threads, 1, math.inf, "at least one"),
+        "--max-sentence-bytes": (settings.max_sentence_bytes, 4, math.inf, "any character"),
+        "--sample-sentences": (settings.sample_sentences, 0, math.inf, "0: all sentences"),
+    }
+    for option, (value, low, high, why) in limits.items():
+        if not low <= value <= high:
+            bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise DataError(f"{option} {value}: use a value {bounds} ({why})")
     if 0 < settings.sample_sentences <= 100:
         raise DataError(
             f"--sample-sentences {settings.sample_sentences} is too small: sentencepiece needs "
@@ -137,6 +149,7 @@ def train_tokenizer(settings: TokenizerSettings, *, progress: bool = True) -> di
             f"{model_path} exists; pass --overwrite to replace it (shards made with it will then "
             "no longer match) or choose another --output-prefix"
         )
+    require_output_dir("--output-prefix", model_path.parent)
     sources = resolve_inputs(settings.inputs)
     counts = _Counts()
     writer = io.BytesIO()
