@@ -87,6 +87,7 @@ def _wait_for(proc: subprocess.Popen, stream, marker: str, timeout: float = 300)
     return seen
 
 
+@pytest.mark.slow  # three shard.py runs over ~6 MB of text (~30 s on a busy 2-core box)
 def test_ctrl_c_mid_sharding_then_the_rerun_resumes(tmp_path: Path, tmp_path_factory):
     inputs = tmp_path / "in"
     inputs.mkdir()
