@@ -53,8 +53,8 @@ setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "vqmoe-convert=vqmoe_megatron.convert.__main__:main",
-            "vqmoe-evaluate=vqmoe_megatron.evaluate:main",
+            "vqmoe-convert=vqmoe_megatron.commands:convert",
+            "vqmoe-evaluate=vqmoe_megatron.commands:evaluate",
         ]
     },
 )

@@ -38,6 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if str(Path(__file__).resolve().parent) in sys.path:
     sys.path.remove(str(Path(__file__).resolve().parent))
 
+from vqmoe_megatron.interrupt import guard_startup, run
+
+if __name__ == "__main__":
+    guard_startup()  # Ctrl-C during the imports below: one line, exit 130
+
 import argparse
 import bz2
 import csv
@@ -48,10 +53,12 @@ import zipfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from vqmoe_megatron.cli import fail
 from vqmoe_megatron.data.corpora import RT_WHEEL_MEMBER as WHEEL_MEMBER
 from vqmoe_megatron.glue.submission import write_predictions
 from vqmoe_megatron.glue.tasks import GlueDataError
 from vqmoe_megatron.glue.tsv import write_tsv
+from vqmoe_megatron.paths import file_in_the_way
 
 SOURCE_NAME = Path(WHEEL_MEMBER).name
 LABELS = {"fresh": 1, "rotten": 0}
@@ -149,6 +156,9 @@ def build_sst2(
             f"need dev and test fractions >= 0 that leave room for train, got {dev_fraction} "
             f"and {test_fraction}"
         )
+    blocking = file_in_the_way(out_dir)
+    if blocking is not None:
+        raise ValueError(f"--out {out_dir}: {blocking} is a file, not a directory")
     description, data = load_source(Path(source))
     sha256 = hashlib.sha256(data).hexdigest()
     log(f"source: {description} (sha256 {sha256})")
@@ -240,10 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         build_sst2(args.source, args.out, args.seed, args.dev_fraction, args.test_fraction)
     except ValueError as exc:
-        print(f"make_sst2.py: error: {exc}", file=sys.stderr)
-        return 1
+        return fail(str(exc))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main, "interrupted; the files written so far are kept, make_sst2.json is not written")

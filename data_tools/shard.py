@@ -18,10 +18,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.remove(str(Path(__file__).resolve().parent))
 
+from vqmoe_megatron.interrupt import guard_startup
+
+if __name__ == "__main__":
+    guard_startup()  # Ctrl-C during the imports below: one line, exit 130
+
 from collections.abc import Sequence
 from typing import Optional
 
-from vqmoe_megatron.data.cli import available_cpus, run_cli, text_tool_parser
+from vqmoe_megatron.data.cli import (
+    available_cpus,
+    print_replacements,
+    run_cli,
+    text_tool_parser,
+)
 from vqmoe_megatron.data.shard_parts import check_mode, merge_parts, write_part
 from vqmoe_megatron.data.sharding import ShardSettings, build_shards
 
@@ -93,12 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             f"{name}: {split['documents']} documents, {split['tokens']:,} tokens, "
             f"{split['bytes']:,} bytes, {split['samples']} samples in {len(split['shards'])} shards"
         )
-    for source in manifest["sources"]:
-        if source["replaced_characters"]:
-            print(
-                f"warning: {source['path']}: replaced {source['replaced_characters']} invalid "
-                "UTF-8 sequences with U+FFFD"
-            )
+    print_replacements(manifest["sources"])
     skipped = sum(s["empty_documents"] for s in manifest["sources"])
     if skipped:
         print(f"skipped {skipped} empty documents")

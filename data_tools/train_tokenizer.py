@@ -10,10 +10,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.remove(str(Path(__file__).resolve().parent))
 
+from vqmoe_megatron.interrupt import guard_startup
+
+if __name__ == "__main__":
+    guard_startup()  # Ctrl-C during the imports below: one line, exit 130
+
 from collections.abc import Sequence
 from typing import Optional
 
-from vqmoe_megatron.data.cli import available_cpus, parse_settings, run_cli, text_tool_parser
+from vqmoe_megatron.data.cli import (
+    available_cpus,
+    parse_settings,
+    print_replacements,
+    run_cli,
+    text_tool_parser,
+)
 from vqmoe_megatron.data.tokenizer_training import TokenizerSettings, model_paths, train_tokenizer
 
 
@@ -75,10 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         f"trained a {settings.model_type} model of {info['vocab_size']} pieces on "
         f"{corpus['sentences_used']} of {corpus['sentences']} lines ({corpus['documents']} documents)"
     )
-    if corpus["replaced_characters"]:
-        print(
-            f"warning: replaced {corpus['replaced_characters']} invalid UTF-8 sequences with U+FFFD"
-        )
+    print_replacements(info["inputs"])
     print(f"wrote {model} (sha256 {info['sha256']})")
     print(f"wrote {meta}")
 

@@ -23,6 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from vqmoe_megatron.interrupt import guard_startup, run  # noqa: E402
+
+if __name__ == "__main__":
+    guard_startup()  # Ctrl-C during the imports below: one line, exit 130
+
 from vqmoe_megatron.cli import run_finetuning  # noqa: E402
 
 FLAGS = {
@@ -79,4 +84,4 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 if __name__ == "__main__":
     arguments, settings = parse_args(sys.argv[1:])
-    sys.exit(run_finetuning(arguments.config, settings))
+    run(lambda: run_finetuning(arguments.config, settings))

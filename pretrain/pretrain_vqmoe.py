@@ -18,6 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from vqmoe_megatron.interrupt import guard_startup, run  # noqa: E402
+
+if __name__ == "__main__":
+    guard_startup()  # Ctrl-C during the imports below: one line, exit 130
+
 from vqmoe_megatron.cli import run_pretraining  # noqa: E402
 
 
@@ -36,13 +41,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value settings")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 if __name__ == "__main__":
     args = parse_args(sys.argv[1:])
-    sys.exit(
-        run_pretraining(
+    run(
+        lambda: run_pretraining(
             args.config, args.overrides, dry_run=args.dry_run, world_size=args.world_size
         )
     )

@@ -320,3 +320,34 @@ def test_empty_corpus_and_unknown_type_are_one_line_cli_errors(tmp_path: Path, t
     assert "table.csv: unsupported file type" in done.stderr
     help_text = run_tool("shard.py", "--help").stdout
     assert all(flag in help_text for flag in ("--seq-length", "--shard-size-mb", "--overwrite"))
+
+
+def test_utf16_is_decoded_and_binary_input_refused_unless_allowed(tmp_path: Path, tmp_path_factory):
+    text = (FIXTURE / "1790_george_washington_n.txt").read_text(encoding="utf-8")
+    for name, data in [("utf8", text.encode("utf-8")), ("utf16", text.encode("utf-16"))]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.txt").write_bytes(data)
+    common = ["--tokenizer", str(tiny_tokenizer(tmp_path_factory)), "--seq-length", "64"]
+    common += ["--valid-fraction", "0", "--quiet"]
+    for name in ("utf8", "utf16"):
+        out = tmp_path / f"out-{name}"
+        done = run_tool("shard.py", str(tmp_path / name), "--output", str(out), *common)
+        assert done.returncode == 0 and "replaced" not in done.stdout, done.stderr
+    shards = [tmp_path / f"out-{name}" / "train-000000.tar" for name in ("utf8", "utf16")]
+    assert shards[0].read_bytes() == shards[1].read_bytes()
+
+    (tmp_path / "utf8" / "x.txt").write_bytes(np.random.default_rng(0).bytes(4096))
+    out = tmp_path / "mixed"
+    done = run_tool("shard.py", str(tmp_path / "utf8"), "--output", str(out), *common)
+    assert done.returncode == 2 and done.stdout == "" and not (out / "manifest.json").exists()
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: ") and "x.txt: it holds NUL characters" in line
+    assert "--allow-invalid-text" in line
+    done = run_tool(
+        "shard.py", str(tmp_path / "utf8"), "--output", str(out), "--allow-invalid-text", *common
+    )
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    replaced = {Path(s["path"]).name: s["replaced_characters"] for s in manifest["sources"]}
+    assert replaced["a.txt"] == 0 and replaced["x.txt"] > 1000
+    assert f"x.txt: replaced {replaced['x.txt']} invalid UTF-8 sequences" in done.stdout

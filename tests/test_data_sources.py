@@ -1,9 +1,11 @@
 """Reading raw text inputs: formats, compression, directories/globs and bad input."""
 
 import bz2
+import codecs
 import gzip
 import json
 import lzma
+import random
 from pathlib import Path
 
 import pytest
@@ -74,9 +76,56 @@ def test_missing_inputs_are_errors(tmp_path: Path):
 def test_invalid_utf8_is_replaced_and_counted(tmp_path: Path):
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 ok \xff\xfe end \xef\xbf\xbd kept")
     sources = resolve_inputs([str(tmp_path)])
-    [(_, decoded)] = list(iter_documents(sources))
+    [(_, decoded)] = list(iter_documents(sources, allow_invalid_text=True))
     assert decoded.texts == ["caf\ufffd ok \ufffd\ufffd end \ufffd kept"]
     assert decoded.replaced == 3  # the U+FFFD already in the file is not counted
+
+
+@pytest.mark.parametrize("text_documents", ["file", "line"])
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-be", "utf-32", "utf-32-be"])
+def test_byte_order_marks_select_the_encoding(tmp_path: Path, encoding: str, text_documents: str):
+    marks = {"utf-16-be": codecs.BOM_UTF16_BE, "utf-32-be": codecs.BOM_UTF32_BE}
+
+    def encode(text: str) -> bytes:  # Python writes no mark for an explicit byte order
+        return marks.get(encoding, b"") + text.encode(encoding)
+
+    text = "erste Zeile: äöü €\nzweite 𝄞\n"
+    (tmp_path / "a.txt").write_bytes(encode(text))
+    (tmp_path / "b.txt.gz").write_bytes(gzip.compress(encode(text)))
+    jsonl = "".join(json.dumps({"text": line}) + "\n" for line in text.splitlines())
+    (tmp_path / "c.jsonl").write_bytes(encode(jsonl))
+    expected = [text] if text_documents == "file" else text.splitlines()
+    pairs = list(iter_documents(resolve_inputs([str(tmp_path)]), text_documents=text_documents))
+    assert [t for _, d in pairs for t in d.texts] == expected * 2 + text.splitlines()
+    assert sum(d.replaced for _, d in pairs) == 0
+
+
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("x.txt", random.Random(0).randbytes(4096), "NUL characters"),
+        ("utf16-no-mark.txt", "plain words".encode("utf-16-le"), "NUL characters"),
+        ("latin1.txt", "Grüße aus Köln, Ça va?".encode("latin-1"), "invalid sequences"),
+        ("x.jsonl", b'{"text": "ok"}\n{"text": "\xe9t\xe9"}\n', "characters in lines 1..2"),
+    ],
+)
+@pytest.mark.parametrize("text_documents", ["file", "line"])
+def test_binary_and_misencoded_files_are_refused_unless_allowed(
+    tmp_path: Path, name: str, data: bytes, message: str, text_documents: str
+):
+    (tmp_path / name).write_bytes(data)
+    sources = resolve_inputs([str(tmp_path)])
+    with pytest.raises(DataError, match=message) as err:
+        list(iter_documents(sources, text_documents=text_documents))
+    assert name in str(err.value) and "--allow-invalid-text" in str(err.value)
+    allowed = list(iter_documents(sources, text_documents=text_documents, allow_invalid_text=True))
+    assert sum(d.replaced for _, d in allowed) > 0 or message == "NUL characters"
+
+
+def test_a_few_invalid_bytes_in_much_text_are_replaced_not_refused(tmp_path: Path):
+    (tmp_path / "a.txt").write_bytes(b"good text " * 100 + b"\xff" + b"more text " * 100)
+    [(_, decoded)] = list(iter_documents(resolve_inputs([str(tmp_path)])))
+    assert decoded.replaced == 1
 
 
 def test_bad_jsonl_lines_name_file_and_line(tmp_path: Path):

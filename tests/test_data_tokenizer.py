@@ -128,3 +128,22 @@ def test_cli(tmp_path: Path):
         f"error: input '{tmp_path / 'missing'}' does not exist; "
         "pass text files, directories or glob patterns"
     ]
+
+
+def test_misencoded_input_is_refused_unless_allowed_and_counted_per_file(tmp_path: Path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for path in sorted(FIXTURE.glob("*.txt"))[:3]:
+        (inputs / path.name).write_bytes(path.read_bytes())
+    (inputs / "latin1.txt").write_bytes("Grüße aus Köln, ça va?\n".encode("latin-1"))
+    common = ["--output-prefix", str(tmp_path / "t"), "--vocab-size", "360", "--quiet"]
+    done = run_tool("train_tokenizer.py", str(inputs), *common)
+    assert done.returncode == 2 and not (tmp_path / "t.model").exists()
+    [line] = done.stderr.splitlines()
+    assert "latin1.txt: 4 of 23 characters are invalid sequences" in line
+    done = run_tool("train_tokenizer.py", str(inputs), "--allow-invalid-text", *common)
+    assert done.returncode == 0, done.stderr
+    assert f"{inputs / 'latin1.txt'}: replaced 4 invalid UTF-8 sequences" in done.stdout
+    info = json.loads((tmp_path / "t.json").read_text())
+    replaced = {Path(s["path"]).name: s["replaced_characters"] for s in info["inputs"]}
+    assert replaced.pop("latin1.txt") == 4 and set(replaced.values()) == {0}

@@ -186,7 +186,9 @@ def test_a_tokenizer_or_checkpoint_that_does_not_fit_is_one_clear_error(
         progress=False,
     )
     proc = finetune("sst2", data, pretrained, out, "--tokenizer", f"{other}.model", check=False)
-    assert_one_error_line(proc, f"tokenizer {other}.model is not the one", "pretrained with")
+    assert_one_error_line(
+        proc, "was trained with the tokenizer", f"this run uses {other}.model", "sha256"
+    )
     proc = finetune("sst2", data, pretrained, out, "model.hidden_size=96", check=False)
     assert_one_error_line(proc, "model.hidden_size: checkpoint 64, given 96", str(pretrained))
     proc = finetune("sst2", data, tmp_path / "missing", out, check=False)

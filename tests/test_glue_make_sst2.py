@@ -193,8 +193,9 @@ def test_cli_prints_summary_and_reports_errors(tmp_path, corpus, capsys):
     assert "skipped other categories {'plot': 1}" in printed
     assert "dropped 1 empty, 2 duplicate and 1 conflicting" in printed
     assert json.loads((out / "make_sst2.json").read_text())["seed"] == 7
-    assert main([str(tmp_path / "nowhere"), "--out", str(out)]) == 1
-    assert "make_sst2.py: error:" in capsys.readouterr().err
+    assert main([str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and "nowhere" in line
 
 
 def test_help_runs_as_a_script():

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_helpers import tiny_shards
+from data_helpers import FIXTURE, shard_settings, tiny_shards
 from pretrain_helpers import (
     CONFIG,
     REPO,
@@ -30,7 +30,11 @@ from pretrain_helpers import (
     run_and_signal_one_rank,
 )
 
-from vqmoe_megatron.training.checkpoint import find_latest
+from vqmoe_megatron.convert.source import open_source
+from vqmoe_megatron.data import load_manifest
+from vqmoe_megatron.data.sharding import build_shards
+from vqmoe_megatron.data.tokenizer_training import TokenizerSettings, train_tokenizer
+from vqmoe_megatron.training.checkpoint import CheckpointError, find_latest
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +136,39 @@ def test_resume_with_an_incompatible_model_is_refused(shards, tmp_path):
     assert "model.hidden_size: checkpoint 64, config 96" in proc.stderr
     assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_resume_on_data_of_another_tokenizer_is_refused_unless_allowed(
+    shards, tmp_path, tmp_path_factory
+):
+    """Same vocabulary size, other pieces: refused even with train.reset_dataloader=true."""
+    other = train_tokenizer(
+        TokenizerSettings([str(FIXTURE)], str(tmp_path / "bpe"), vocab_size=400, model_type="bpe"),
+        progress=False,
+    )
+    other_shards = tmp_path / "other_shards"
+    build_shards(
+        shard_settings(tmp_path_factory, other_shards, tokenizer=other["model"]),
+        progress=False,
+        log=lambda _: None,
+    )
+    mine = load_manifest(shards)
+    out = tmp_path / "run"
+    pretrain(shards, out, "train.steps=2")
+    switch = (f"data.data_dir={other_shards}", "train.steps=4", "train.reset_dataloader=true")
+    proc = pretrain(shards, out, *switch, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    [line] = proc.stderr.splitlines()
+    for text in (mine.tokenizer_sha256, mine.tokenizer_model, other["sha256"], other["model"]):
+        assert text in line
+    assert "train.allow_tokenizer_change=true" in line
+    proc = pretrain(shards, out, *switch, "train.allow_tokenizer_change=true")
+    assert "train.allow_tokenizer_change=true: continuing" in proc.stderr
+    assert find_latest(out / "checkpoints").name == "step_00000004"
+    with pytest.raises(
+        CheckpointError, match=f"sha256 {other['sha256']}.*sha256 {mine.tokenizer_sha256}"
+    ):
+        open_source(out, Path(mine.tokenizer_model))  # convert / evaluate: the new one now
 
 
 def test_nonfinite_losses_are_skipped_then_abort(shards, tmp_path):

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from vqmoe_megatron.config import ConfigError, PretrainConfig, load_config
+from vqmoe_megatron.config_checks import check_settings
 
 
 def quiet_third_party_warnings() -> None:
@@ -50,9 +51,13 @@ def print_dry_run(cfg: PretrainConfig, world_size: Optional[int]) -> int:
     if cfg.model.vocab_size is None:
         return fail("model.vocab_size must be set for --dry-run (no data manifest is read)")
     par = cfg.parallel
-    world = world_size or par.tensor_parallel * par.expert_parallel
-    if world % (par.tensor_parallel * par.expert_parallel):
-        return fail(f"--world-size {world} is not divisible by TP x EP")
+    world = par.tensor_parallel * par.expert_parallel if world_size is None else world_size
+    if world < 1:
+        return fail(f"--world-size {world}: use a number of processes >= 1")
+    try:
+        check_settings(cfg, world)
+    except ConfigError as exc:
+        return fail(str(exc))
     size = model_size(cfg.model, cfg.moe)
     flops = flops_per_token(cfg.model, cfg.moe, cfg.model.seq_length)
     memory = memory_estimate_gib(
@@ -109,7 +114,7 @@ def run_pretraining(
 def _train(build: Callable[[], Any]) -> int:
     """Build a trainer, run it, close it; a user's mistake ends in one ``error:`` line."""
     from vqmoe_megatron.data import DataError
-    from vqmoe_megatron.distributed import destroy_distributed
+    from vqmoe_megatron.distributed import destroy_distributed, launcher_rank
     from vqmoe_megatron.glue import GlueDataError
     from vqmoe_megatron.training.checkpoint import CheckpointError
     from vqmoe_megatron.training.trainer import TrainingAborted
@@ -118,7 +123,9 @@ def _train(build: Callable[[], Any]) -> int:
     try:
         trainer = build()
         return trainer.run()
-    except (ConfigError, DataError, GlueDataError, CheckpointError, TrainingAborted) as exc:
+    except ConfigError as exc:  # every rank finds the same; one line is enough
+        return fail(str(exc)) if launcher_rank() == 0 else 2
+    except (DataError, GlueDataError, CheckpointError, TrainingAborted) as exc:
         return fail(str(exc))
     finally:
         if trainer is not None:

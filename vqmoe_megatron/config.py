@@ -207,6 +207,9 @@ class TrainConfig:
     """Full activation recomputation per transformer layer (GPU; saves memory)."""
     reset_dataloader: bool = False
     """On resume, start the data stream afresh instead of continuing it (e.g. new data)."""
+    allow_tokenizer_change: bool = False
+    """Resume (or fine-tune, convert) with a tokenizer other than the one the checkpoint was
+    trained with (by sha256); refused unless set, since the ids then mean other text."""
     inject_nonfinite_steps: list[int] = field(default_factory=list)
     """Fault injection for tests: make the loss NaN at these steps."""
 

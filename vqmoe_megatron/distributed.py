@@ -81,6 +81,28 @@ def map_launcher_environment(env: Optional[dict] = None) -> str:
     return "single"
 
 
+def launcher_world_size(env: Optional[dict] = None) -> int:
+    """The number of processes the launcher started (1 for a plain ``python``), read from the
+    environment before any process group exists (same launchers as
+    :func:`map_launcher_environment`)."""
+    env = os.environ if env is None else env
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if var in env:
+            return int(env[var])
+    if "SLURM_PROCID" in env:
+        return int(env.get("SLURM_NTASKS", "1"))
+    return 1
+
+
+def launcher_rank(env: Optional[dict] = None) -> int:
+    """This process's global rank as the launcher set it (0 for a plain ``python``)."""
+    env = os.environ if env is None else env
+    for var in ("RANK", *_MPI_VARS, "SLURM_PROCID"):
+        if var in env:
+            return int(env[var])
+    return 0
+
+
 def _disable_deepspeed_jit_on_cpu() -> None:
     """DeepSpeed JIT-compiles a shared-memory comm op at init (~50 s of g++) that only its
     inference all-reduce uses; nothing in training needs it, so it is switched off on CPU."""
@@ -116,7 +138,9 @@ def init_distributed(
         apply_cpu_process_shims()
     world = dist.get_world_size()
     if world % (tensor_parallel * expert_parallel) != 0:
-        raise ValueError(
+        from vqmoe_megatron.config import ConfigError
+
+        raise ConfigError(
             f"world size {world} is not divisible by tensor_parallel ({tensor_parallel}) x "
             f"expert_parallel ({expert_parallel}); set parallel.* so that it is"
         )

@@ -22,9 +22,13 @@ byte = total NLL / ln 2 / UTF-8 bytes of the files.
 
 from __future__ import annotations
 
+from vqmoe_megatron.interrupt import guard_startup, run
+
+if __name__ == "__main__":
+    guard_startup()  # Ctrl-C during the imports below: one line, exit 130
+
 import argparse
 import json
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional
@@ -252,4 +256,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -20,10 +20,14 @@ from which ``pretrain/pretrain_vqmoe.py --config RUN_DIR/config.yaml`` continues
 
 from __future__ import annotations
 
+from vqmoe_megatron.interrupt import guard_startup, run
+
+if __name__ == "__main__":
+    guard_startup()  # Ctrl-C during the imports below: one line, exit 130
+
 import argparse
 import json
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -319,4 +323,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -23,7 +23,14 @@ from vqmoe_megatron.convert.consolidated import (
 )
 from vqmoe_megatron.data import DataError, Tokenizer, load_manifest
 from vqmoe_megatron.model import VQMoEGPTModel, build_model
-from vqmoe_megatron.training.checkpoint import CheckpointError, resolve_checkpoint
+from vqmoe_megatron.training.checkpoint import (
+    ALLOW_TOKENIZER_CHANGE,
+    CheckpointError,
+    CheckpointManager,
+    check_tokenizer,
+    resolve_checkpoint,
+    tokenizer_record,
+)
 
 ROUTING_MODES = ("pretrain", "discrete")
 
@@ -62,9 +69,14 @@ def tokenizer_path(path: Path, cfg: PretrainConfig, explicit: Optional[Path]) ->
 
 
 def open_source(
-    path: Path, tokenizer: Optional[Path] = None, require_tokenizer: bool = False
+    path: Path,
+    tokenizer: Optional[Path] = None,
+    require_tokenizer: bool = False,
+    allow_tokenizer_change: bool = False,
 ) -> Source:
-    """Resolve ``path`` and its tokenizer; refuse a vocabulary that does not fit the model."""
+    """Resolve ``path`` and its tokenizer; refuse a vocabulary that does not fit the model, and
+    a tokenizer other than the one a training checkpoint records having been trained with
+    (unless ``allow_tokenizer_change``)."""
     path = Path(path)
     cfg = pretrained_config(path)
     if cfg.model.vocab_size is None:
@@ -86,6 +98,17 @@ def open_source(
             f"vocabulary mismatch: tokenizer {found} has {tok.vocab_size} pieces, the model of "
             f"{path} was trained with model.vocab_size={cfg.model.vocab_size}; pass the "
             "tokenizer the model was trained with (--tokenizer)"
+        )
+    if not is_consolidated(path):
+        step_dir = resolve_checkpoint(path)
+        recorded = CheckpointManager.read_state(step_dir).tokenizer
+        check_tokenizer(
+            recorded,
+            tokenizer_record(tok.sha256, found.resolve()),
+            step_dir,
+            allow_tokenizer_change,
+            f"Pass --tokenizer {recorded.get('model')} (fine-tuning also takes "
+            f"{ALLOW_TOKENIZER_CHANGE} to go on with this one anyway)",
         )
     return Source(path, cfg, tok)
 

@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn, Optional, TypeVar
 
 from vqmoe_megatron.data.errors import DataError
-from vqmoe_megatron.data.sources import COMPRESSIONS, KINDS
+from vqmoe_megatron.interrupt import run
+from vqmoe_megatron.data.sources import COMPRESSIONS, KINDS, MAX_REPLACED_SHARE
 
 T = TypeVar("T")
 
@@ -23,16 +24,17 @@ def run_cli(
     main: Callable[[Optional[Sequence[str]]], None], argv: Optional[Sequence[str]] = None
 ) -> NoReturn:
     """Run a command's ``main``: a DataError ends as one ``error: ...`` line and exit status 2,
-    Ctrl-C as exit status 130 with a hint that re-running resumes."""
-    try:
-        main(argv)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; outputs written so far are kept (re-run to resume)", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(0)
+    Ctrl-C as exit status 130 with a hint that re-running resumes (``interrupt.run``)."""
+
+    def work() -> int:
+        try:
+            main(argv)
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    run(work, "interrupted; outputs written so far are kept (re-run to resume)")
 
 
 def text_tool_parser(description: str) -> argparse.ArgumentParser:
@@ -53,6 +55,13 @@ def text_tool_parser(description: str) -> argparse.ArgumentParser:
         help="a .txt input is one document per file or one per line",
     )
     p.add_argument("--jsonl-field", default="text", help="text field of .jsonl inputs")
+    p.add_argument(
+        "--allow-invalid-text",
+        action="store_true",
+        help="read files that hold NUL characters or more than "
+        f"{MAX_REPLACED_SHARE:.0%}% invalid UTF-8 anyway (invalid bytes become U+FFFD) instead "
+        "of refusing them",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -64,3 +73,14 @@ def parse_settings(
     args = vars(parser.parse_args(argv))
     quiet = args.pop("quiet")
     return cls(**args), quiet
+
+
+def print_replacements(sources: Sequence[dict]) -> None:
+    """One summary line per input file in which invalid UTF-8 was replaced (``sources``: dicts
+    with ``path`` and ``replaced_characters``, as in the manifest and the tokenizer JSON)."""
+    for source in sources:
+        if source["replaced_characters"]:
+            print(
+                f"warning: {source['path']}: replaced {source['replaced_characters']} invalid "
+                "UTF-8 sequences with U+FFFD"
+            )

@@ -26,7 +26,12 @@ from pathlib import Path
 from typing import Optional
 
 from vqmoe_megatron.data.errors import DataError
-from vqmoe_megatron.data.files import sha256_file, write_bytes_atomic, write_json_atomic
+from vqmoe_megatron.data.files import (
+    require_output_dir,
+    sha256_file,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 CHECKSUMS = "SHA256SUMS"
 SOURCE = "source.json"
@@ -179,6 +184,7 @@ def fetch_corpus(
     interrupted fetch never leaves a half-written corpus behind a valid-looking SHA256SUMS.
     """
     dest = output / spec.name
+    require_output_dir("--output", output)
     if _verified(dest, spec):
         log(f"{spec.name}: {dest} is up to date (checksums verified)")
         return dest

@@ -8,7 +8,19 @@ import os
 from pathlib import Path
 from typing import Any, Union
 
+from vqmoe_megatron.data.errors import DataError
+from vqmoe_megatron.paths import file_in_the_way
+
 _BLOCK = 1 << 20
+
+
+def require_output_dir(option: str, directory: Union[str, Path]) -> None:
+    """Refuse, before any work, an output directory that a file keeps from being made."""
+    blocking = file_in_the_way(directory)
+    if blocking is not None:
+        raise DataError(
+            f"{option} {directory}: {blocking} is a file, not a directory; choose another {option}"
+        )
 
 
 def sha256_file(path: Path) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 import sentencepiece as spm
 
 from vqmoe_megatron.data.errors import DataError
+from vqmoe_megatron.data.files import require_output_dir
 from vqmoe_megatron.data.manifest import FORMAT, FORMAT_VERSION, SPLITS
 from vqmoe_megatron.data.packing import StreamPacker
 from vqmoe_megatron.data.shard_format import member_bytes, shard_name, shard_tar, token_dtype
@@ -63,6 +64,7 @@ class ShardSettings:
     shard_size_mb: float = 128.0
     text_documents: TextDocuments = "file"
     jsonl_field: str = "text"
+    allow_invalid_text: bool = False
     workers: int = 1
     overwrite: bool = False
 
@@ -121,6 +123,7 @@ def _tokenize_chunk(chunk: Chunk) -> ChunkResult:
         w["sources"][chunk.source],
         text_documents=settings.text_documents,
         jsonl_field=settings.jsonl_field,
+        allow_invalid_text=settings.allow_invalid_text,
     )
     # As numpy arrays [n_ids] int32: sentencepiece fills them in C++, which costs a sixth less
     # than building Python lists of ints and converting those.
@@ -320,11 +323,18 @@ class ShardPlan:
 
 def plan_shards(settings: ShardSettings) -> ShardPlan:
     """Check the settings, resolve the inputs and the tokenizer."""
-    if settings.seq_length < 1 or not 0.0 <= settings.valid_fraction < 1.0 or settings.workers < 1:
+    if (
+        settings.seq_length < 1
+        or not 0.0 <= settings.valid_fraction < 1.0
+        or settings.workers < 1
+        or not settings.shard_size_mb > 0
+    ):
         raise DataError(
-            f"need --seq-length >= 1, 0 <= --valid-fraction < 1 and --workers >= 1 (got "
-            f"{settings.seq_length}, {settings.valid_fraction}, {settings.workers})"
+            f"need --seq-length >= 1, 0 <= --valid-fraction < 1, --workers >= 1 and "
+            f"--shard-size-mb > 0 (got {settings.seq_length}, {settings.valid_fraction}, "
+            f"{settings.workers}, {settings.shard_size_mb})"
         )
+    require_output_dir("--output", settings.output)
     sources = resolve_inputs(settings.inputs)
     tokenizer = Tokenizer(settings.tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -386,8 +396,7 @@ def tokenized(
         )
     finally:
         gc.unfreeze()
-    with pool:
-        bar = byte_progress(sources, "sharding", progress)
+    with pool, byte_progress(sources, "sharding", progress) as bar:  # closed on errors too
         pending: deque = deque()
         chunks = iter_chunks(
             sources, text_documents=settings.text_documents, chunk_bytes=CHUNK_BYTES
@@ -404,7 +413,6 @@ def tokenized(
             pending.append(pool.apply_async(_tokenize_task, (task,)))
             yield from drain(2 * settings.workers)
         yield from drain(0)
-        bar.close()
 
 
 def check_documents(plan: ShardPlan, totals: _Totals) -> None:

@@ -6,11 +6,18 @@ its ``jsonl_field``), each optionally compressed as ``.gz``, ``.bz2``, ``.xz`` o
 Reading is split in two so that the expensive half runs in worker processes: ``iter_chunks``
 (main process) cuts files into chunks of raw records; ``decode_chunk`` (any process) turns a
 chunk into document texts, replacing invalid UTF-8 with U+FFFD and counting what it replaced.
+
+Text is UTF-8; a byte order mark selects UTF-16 or UTF-32 instead (such a file is read whole,
+one chunk) and a UTF-8 one is dropped. A chunk that holds NUL characters, or in which more than
+``MAX_REPLACED_SHARE`` of the characters had to be replaced, is not text in UTF-8 (binary, or
+another encoding such as Latin-1 or UTF-16 without a byte order mark): it is refused naming its
+file, unless ``allow_invalid_text`` (``--allow-invalid-text``) asks to read it anyway.
 """
 
 from __future__ import annotations
 
 import bz2
+import codecs
 import glob
 import gzip
 import io
@@ -33,6 +40,15 @@ KINDS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _REPLACEMENT = "\ufffd"
+MAX_REPLACED_SHARE = 0.01
+"""Largest share of a chunk's characters that may be invalid UTF-8 (replaced by U+FFFD)."""
+_BOMS = (  # UTF-32 first: its little-endian mark starts with UTF-16's
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +65,8 @@ class Source:
 @dataclass(frozen=True)
 class Chunk:
     """Raw records of one source (its lines), with their position; or, with ``records`` None, a
-    whole file that is one document, left to ``decode_chunk`` to read (in a worker process).
+    whole file, left to ``decode_chunk`` to read (in a worker process): one document, or with a
+    UTF-16/32 byte order mark the file's lines.
 
     ``first_record`` is the 0-based line index of ``records[0]`` within the source;
     ``disk_bytes`` is how many bytes of the file on disk this chunk accounts for (progress).
@@ -158,7 +175,7 @@ def iter_chunks(
     """
     index = 0
     for number, source in enumerate(sources):
-        if source.kind == "text" and text_documents == "file":
+        if (source.kind == "text" and text_documents == "file") or _wide_encoding(source):
             yield Chunk(index, number, 0, None, source.size)
             index += 1
             continue
@@ -183,6 +200,25 @@ def iter_chunks(
                 raise _read_error(source, exc) from exc
 
 
+def _bom(data: bytes) -> tuple[str, int]:
+    """The encoding a byte order mark at the start of ``data`` selects (UTF-8 without one) and
+    the mark's length."""
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return encoding, len(bom)
+    return "utf-8", 0
+
+
+def _wide_encoding(source: Source) -> bool:
+    """Whether the source starts with a UTF-16 or UTF-32 byte order mark."""
+    try:
+        with open(source.path, "rb") as raw:
+            head = _open(source, raw).read(4)
+    except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as exc:
+        raise _read_error(source, exc) from exc
+    return _bom(head)[0] != "utf-8"
+
+
 def read_whole(source: Source) -> bytes:
     """The uncompressed content of a source."""
     try:
@@ -192,13 +228,37 @@ def read_whole(source: Source) -> bytes:
         raise _read_error(source, exc) from exc
 
 
-def decode_utf8(data: bytes) -> tuple[str, int]:
-    """``data`` as text, invalid UTF-8 replaced by U+FFFD; also the number of replacements."""
+def decode_text(data: bytes, encoding: str = "utf-8") -> tuple[str, int]:
+    """``data`` as text, invalid sequences replaced by U+FFFD; also the number of replacements
+    (a U+FFFD already in ``data`` is not one)."""
     try:
-        return data.decode("utf-8"), 0
+        return data.decode(encoding), 0
     except UnicodeDecodeError:
-        text = data.decode("utf-8", errors="replace")
-        return text, text.count(_REPLACEMENT) - data.count(_REPLACEMENT.encode("utf-8"))
+        text = data.decode(encoding, errors="replace")
+        kept = data.decode(encoding, errors="ignore").count(_REPLACEMENT)
+        return text, text.count(_REPLACEMENT) - kept
+
+
+def _whole_file_records(source: Source, text_documents: TextDocuments) -> tuple[list[str], int]:
+    """A whole-file chunk's records (the document, or its lines with their line ends), decoded
+    by its byte order mark; also the number of replaced characters."""
+    data = read_whole(source)
+    encoding, mark = _bom(data)
+    text, replaced = decode_text(data[mark:], encoding)
+    if source.kind == "text" and text_documents == "file":
+        return [text], replaced
+    lines = text.split("\n")
+    return [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else []), replaced
+
+
+def _refuse_invalid(source: Source, line: Optional[int], reason: str) -> DataError:
+    where = f"{source.path}:{line + 1}" if line is not None else str(source.path)
+    return DataError(
+        f"{where}: {reason}, so it is not UTF-8 text (binary, or another encoding such as "
+        "Latin-1 or UTF-16 without a byte order mark); convert it to UTF-8 (iconv -f "
+        "<its encoding> -t UTF-8), leave it out, or pass --allow-invalid-text to read it anyway with "
+        "invalid bytes replaced by U+FFFD"
+    )
 
 
 def _json_text(line: str, source: Source, line_number: int, field: str) -> str:
@@ -224,13 +284,27 @@ def decode_chunk(
     *,
     text_documents: TextDocuments = "file",
     jsonl_field: str = "text",
+    allow_invalid_text: bool = False,
 ) -> DecodedChunk:
-    """Document texts of a chunk; documents that are empty or only whitespace are dropped."""
+    """Document texts of a chunk; documents that are empty or only whitespace are dropped.
+
+    Raises DataError for a chunk that is not text (NUL characters, or more than
+    ``MAX_REPLACED_SHARE`` of it replaced) unless ``allow_invalid_text``."""
     texts: list[str] = []
-    empty = replaced = 0
-    records = chunk.records if chunk.records is not None else [read_whole(source)]
-    for offset, record in enumerate(records):
-        text, bad = decode_utf8(record)
+    empty = replaced = characters = 0
+    if chunk.records is None:
+        lines, replaced = _whole_file_records(source, text_documents)
+        decoded = [(line, 0) for line in lines]
+    else:
+        decoded = [decode_text(record) for record in chunk.records]
+        if chunk.first_record == 0 and decoded and decoded[0][0].startswith("\ufeff"):
+            decoded[0] = (decoded[0][0][1:], decoded[0][1])  # a UTF-8 byte order mark
+    by_line = not (source.kind == "text" and text_documents == "file")
+    for offset, (text, bad) in enumerate(decoded):
+        characters += len(text)
+        if "\x00" in text and not allow_invalid_text:
+            line = chunk.first_record + offset if by_line else None
+            raise _refuse_invalid(source, line, "it holds NUL characters")
         if source.kind == "jsonl":
             if not text.strip():
                 empty += 1
@@ -245,16 +319,32 @@ def decode_chunk(
             texts.append(text)
         else:
             empty += 1
+    if replaced > MAX_REPLACED_SHARE * max(characters, 1) and not allow_invalid_text:
+        first = chunk.first_record + 1
+        lines = f" in lines {first}..{first + len(decoded) - 1}" if by_line else ""
+        raise _refuse_invalid(
+            source, None, f"{replaced} of {characters} characters{lines} are invalid sequences"
+        )
     return DecodedChunk(texts, empty, replaced)
 
 
 def iter_documents(
-    sources: Sequence[Source], *, text_documents: TextDocuments = "file", jsonl_field: str = "text"
+    sources: Sequence[Source],
+    *,
+    text_documents: TextDocuments = "file",
+    jsonl_field: str = "text",
+    allow_invalid_text: bool = False,
 ) -> Iterator[tuple[Chunk, DecodedChunk]]:
     """Decode every chunk in this process (for tools that read serially, like tokenizer training)."""
     for chunk in iter_chunks(sources, text_documents=text_documents):
         source = sources[chunk.source]
         yield (
             chunk,
-            decode_chunk(chunk, source, text_documents=text_documents, jsonl_field=jsonl_field),
+            decode_chunk(
+                chunk,
+                source,
+                text_documents=text_documents,
+                jsonl_field=jsonl_field,
+                allow_invalid_text=allow_invalid_text,
+            ),
         )

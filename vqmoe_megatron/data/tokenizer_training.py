@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import platform
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from typing import Literal, Optional
 import sentencepiece as spm
 
 from vqmoe_megatron.data.errors import DataError
-from vqmoe_megatron.data.files import write_bytes_atomic, write_json_atomic
+from vqmoe_megatron.data.files import require_output_dir, write_bytes_atomic, write_json_atomic
 from vqmoe_megatron.data.sources import (
     Source,
     TextDocuments,
@@ -56,6 +57,7 @@ class TokenizerSettings:
     split_digits: bool = False
     text_documents: TextDocuments = "file"
     jsonl_field: str = "text"
+    allow_invalid_text: bool = False
     seed: int = 1234
     threads: int = 1
     overwrite: bool = False
@@ -67,6 +69,7 @@ class _Counts:
     empty_documents: int = 0
     replaced_characters: int = 0
     sentences: int = 0
+    replaced_per_source: dict[int, int] = dataclasses.field(default_factory=dict)
     error: Optional[DataError] = None
 
 
@@ -93,11 +96,16 @@ def _sentences(
     bar = byte_progress(sources, "reading", progress)
     try:
         for chunk, decoded in iter_documents(
-            sources, text_documents=settings.text_documents, jsonl_field=settings.jsonl_field
+            sources,
+            text_documents=settings.text_documents,
+            jsonl_field=settings.jsonl_field,
+            allow_invalid_text=settings.allow_invalid_text,
         ):
             counts.documents += len(decoded.texts)
             counts.empty_documents += decoded.empty
             counts.replaced_characters += decoded.replaced
+            replaced = counts.replaced_per_source
+            replaced[chunk.source] = replaced.get(chunk.source, 0) + decoded.replaced
             for text in decoded.texts:
                 for line in text.split("\n"):
                     if line.strip():
@@ -119,6 +127,17 @@ def model_paths(output_prefix: str) -> tuple[Path, Path]:
 
 def train_tokenizer(settings: TokenizerSettings, *, progress: bool = True) -> dict:
     """Train, write ``<prefix>.model`` and ``<prefix>.json``; return the JSON's content."""
+    limits = {  # option: (value, lowest, highest, why)
+        "--vocab-size": (settings.vocab_size, 6, math.inf, "5 special pieces and one more"),
+        "--character-coverage": (settings.character_coverage, 0.98, 1, "sentencepiece's range"),
+        "--threads": (settings.threads, 1, math.inf, "at least one"),
+        "--max-sentence-bytes": (settings.max_sentence_bytes, 4, math.inf, "any character"),
+        "--sample-sentences": (settings.sample_sentences, 0, math.inf, "0: all sentences"),
+    }
+    for option, (value, low, high, why) in limits.items():
+        if not low <= value <= high:
+            bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise DataError(f"{option} {value}: use a value {bounds} ({why})")
     if 0 < settings.sample_sentences <= 100:
         raise DataError(
             f"--sample-sentences {settings.sample_sentences} is too small: sentencepiece needs "
@@ -130,6 +149,7 @@ def train_tokenizer(settings: TokenizerSettings, *, progress: bool = True) -> di
             f"{model_path} exists; pass --overwrite to replace it (shards made with it will then "
             "no longer match) or choose another --output-prefix"
         )
+    require_output_dir("--output-prefix", model_path.parent)
     sources = resolve_inputs(settings.inputs)
     counts = _Counts()
     writer = io.BytesIO()
@@ -183,7 +203,14 @@ def train_tokenizer(settings: TokenizerSettings, *, progress: bool = True) -> di
             "sep": tokenizer.sep_id,
         },
         "settings": dataclasses.asdict(settings),
-        "inputs": [{"path": str(s.path), "size": s.size} for s in sources],
+        "inputs": [
+            {
+                "path": str(s.path),
+                "size": s.size,
+                "replaced_characters": counts.replaced_per_source.get(number, 0),
+            }
+            for number, s in enumerate(sources)
+        ],
         "corpus": {
             "documents": counts.documents,
             "empty_documents": counts.empty_documents,

@@ -59,23 +59,30 @@ def read_pretrained_config(path: Union[str, Path]) -> PretrainConfig:
     return pretrained_config(path)
 
 
-def resolve_tokenizer(pretrained: Union[str, Path], explicit: Optional[str] = None) -> Tokenizer:
+def resolve_tokenizer(
+    pretrained: Union[str, Path], explicit: Optional[str] = None, *, allow_change: bool = False
+) -> Tokenizer:
     """The tokenizer to fine-tune ``pretrained`` with: ``explicit``, else the one the checkpoint
     records (the consolidated copy or its data manifest's; ``convert.source``).
 
-    Its vocabulary must be the model's; an explicit one must also be the very file the
-    checkpoint records, when it records one (same sha256).
+    Its vocabulary must be the model's; it must also be the very file the checkpoint was
+    trained with (same sha256) unless ``allow_change`` (``train.allow_tokenizer_change``).
     """
     pretrained = Path(pretrained)
-    source = open_source(pretrained, Path(explicit) if explicit else None, require_tokenizer=True)
+    source = open_source(
+        pretrained,
+        Path(explicit) if explicit else None,
+        require_tokenizer=True,
+        allow_tokenizer_change=allow_change,
+    )
     recorded = tokenizer_path(pretrained, source.cfg, None) if explicit else None
-    if recorded is not None:
+    if recorded is not None and not allow_change:
         expected = Tokenizer(recorded).sha256
         if source.tokenizer.sha256 != expected:
             raise CheckpointError(
                 f"tokenizer {explicit} is not the one {pretrained} was pretrained with "
                 f"({recorded}; sha256 {expected[:12]}... vs {source.tokenizer.sha256[:12]}...); "
-                "pass that file, or leave --tokenizer out"
+                "pass that file, or leave --tokenizer out (or set train.allow_tokenizer_change=true)"
             )
     return source.tokenizer
 

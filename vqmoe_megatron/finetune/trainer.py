@@ -27,9 +27,14 @@ import torch
 from megatron.core import parallel_state
 
 from vqmoe_megatron.config import ConfigError, FinetuneConfig, PretrainConfig, dump_yaml
+from vqmoe_megatron.config_checks import check_output_dir, check_settings
 from vqmoe_megatron.convert.consolidated import load_pretrained
 from vqmoe_megatron.data.files import sha256_file, write_json_atomic
-from vqmoe_megatron.distributed import destroy_distributed, init_distributed
+from vqmoe_megatron.distributed import (
+    destroy_distributed,
+    init_distributed,
+    launcher_world_size,
+)
 from vqmoe_megatron.finetune.best import BestModel
 from vqmoe_megatron.finetune.classifier import SequenceClassifier, task_loss
 from vqmoe_megatron.finetune.evaluation import predict
@@ -46,11 +51,14 @@ from vqmoe_megatron.glue import (
 from vqmoe_megatron.model import VQMoEGPTModel, build_model
 from vqmoe_megatron.moe import metrics
 from vqmoe_megatron.training.checkpoint import (
+    ALLOW_TOKENIZER_CHANGE,
     CheckpointManager,
     TrainerState,
     check_signature,
+    check_tokenizer,
     current_layout,
     model_signature,
+    tokenizer_record,
 )
 from vqmoe_megatron.training.codebook import maintain_codebooks
 from vqmoe_megatron.training.engine import initialize_engine
@@ -68,21 +76,14 @@ BEST_DIR = "best"
 PREDICTIONS_DIR = "predictions"
 
 
-def validate_config(cfg: FinetuneConfig) -> None:
-    """Refuse settings that cannot work, naming the setting and the fix."""
-    ft, train = cfg.finetune, cfg.train
-    if train.zero_stage not in (1, 2):
-        raise ConfigError(f"train.zero_stage={train.zero_stage}: use 1 or 2")
+def validate_config(cfg: FinetuneConfig, world_size: int) -> None:
+    """Refuse settings that cannot work for ``world_size`` processes, naming the setting and
+    the fix."""
+    ft = cfg.finetune
     if ft.epochs < 1 and ft.steps is None:
         raise ConfigError("finetune.epochs must be >= 1 (or set finetune.steps)")
-    if ft.steps is not None and ft.steps < 1:
-        raise ConfigError("finetune.steps must be >= 1")
-    if ft.micro_batch_size < 1 or train.log_interval < 1 or train.save_interval < 1:
-        raise ConfigError(
-            "finetune.micro_batch_size, train.log_interval and train.save_interval must be >= 1"
-        )
-    if not 0.0 <= ft.warmup_fraction < 1.0:
-        raise ConfigError(f"finetune.warmup_fraction={ft.warmup_fraction}: use 0 <= x < 1")
+    check_settings(cfg, world_size)
+    check_output_dir("train.output_dir", cfg.train.output_dir)
     limit = cfg.model.seq_length
     if ft.max_seq_length is not None and not 4 <= ft.max_seq_length <= limit:
         raise ConfigError(
@@ -105,12 +106,14 @@ class GlueFinetuner(LoopControl):
     """Owns one fine-tuning run (construct, then :meth:`run`)."""
 
     def __init__(self, cfg: FinetuneConfig) -> None:
-        validate_config(cfg)
+        validate_config(cfg, launcher_world_size())
         self.log: Optional[RunLogger] = None
         ft = cfg.finetune
         self.task = get_task(ft.task)
         self.regression = self.task.is_regression
-        self.tokenizer = resolve_tokenizer(ft.pretrained, ft.tokenizer)
+        self.tokenizer = resolve_tokenizer(
+            ft.pretrained, ft.tokenizer, allow_change=cfg.train.allow_tokenizer_change
+        )
         max_length = ft.max_seq_length or cfg.model.seq_length
         train_file = self._read_data(ft.data_dir, max_length)
 
@@ -173,6 +176,7 @@ class GlueFinetuner(LoopControl):
             signature=model_signature(cfg),
             layout=current_layout(),
             data_fingerprint=self.fingerprint,
+            tokenizer=tokenizer_record(self.tokenizer.sha256, self.tokenizer.path.resolve()),
         )
         if resume is not None:
             self._resume(resume)
@@ -200,7 +204,17 @@ class GlueFinetuner(LoopControl):
         return sum(split.truncated for split in self.splits.values())
 
     def _resume(self, path: Path) -> None:
+        tokenizer = self.state.tokenizer
         self.state, _ = self.checkpoints.load(path, self.model, self.engine, self.cfg)
+        check_tokenizer(
+            self.state.tokenizer,
+            tokenizer,
+            path,
+            self.cfg.train.allow_tokenizer_change,
+            f"Pass --tokenizer {self.state.tokenizer.get('model')}, or set "
+            f"{ALLOW_TOKENIZER_CHANGE} to go on with this one anyway",
+        )
+        self.state.tokenizer = tokenizer
         if self.state.data_fingerprint != self.fingerprint:
             self.log.warning(
                 "the training data, tokenizer or max_seq_length changed since the checkpoint: "

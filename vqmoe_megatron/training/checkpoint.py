@@ -120,6 +120,9 @@ class TrainerState:
     layout: dict = field(default_factory=dict)
     signature: dict = field(default_factory=dict)
     data_fingerprint: str = ""
+    tokenizer: dict = field(default_factory=dict)
+    """The tokenizer the model learned ids of: ``{"sha256": ..., "model": path}`` (empty in
+    checkpoints written before it was recorded)."""
     version: int = CHECKPOINT_VERSION
 
 
@@ -147,6 +150,28 @@ def check_signature(saved: dict, current: dict, path: Path, ignore: tuple[str, .
             + "; ".join(diffs)
             + ". Use the checkpoint's settings, or a new train.output_dir to start afresh."
         )
+
+
+def tokenizer_record(sha256: str, model: str) -> dict:
+    """What a checkpoint records of its tokenizer (``TrainerState.tokenizer``)."""
+    return {"sha256": sha256, "model": str(model)}
+
+
+ALLOW_TOKENIZER_CHANGE = "train.allow_tokenizer_change=true"
+
+
+def check_tokenizer(recorded: dict, current: dict, path: Path, allowed: bool, remedy: str) -> bool:
+    """Refuse ``current`` (a ``tokenizer_record``) when checkpoint ``path`` recorded another
+    tokenizer: its ids would mean other text; ``remedy`` says what to do. ``allowed``
+    (``train.allow_tokenizer_change``) lets it pass; returns whether the tokenizer changed."""
+    changed = bool(recorded) and recorded.get("sha256") != current["sha256"]
+    if changed and not allowed:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with the tokenizer {recorded.get('model')} (sha256 "
+            f"{recorded.get('sha256')}), but this run uses {current['model']} (sha256 "
+            f"{current['sha256']}): the same ids would stand for other text. {remedy}"
+        )
+    return changed
 
 
 def _tag(step: int) -> str:

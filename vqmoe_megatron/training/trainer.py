@@ -32,6 +32,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 
 from vqmoe_megatron.config import ConfigError, DataConfig, DataSource, PretrainConfig, dump_yaml
+from vqmoe_megatron.config_checks import check_output_dir, check_settings, check_vocabulary
 from vqmoe_megatron.data import (
     DataError,
     Manifest,
@@ -42,14 +43,22 @@ from vqmoe_megatron.data import (
 from vqmoe_megatron.data.blend import BlendedLoader, BlendSource, blend_fingerprint
 from vqmoe_megatron.data.manifest import SplitInfo
 from vqmoe_megatron.data.store import PIPE, FetchPolicy
-from vqmoe_megatron.distributed import ParallelLayout, destroy_distributed, init_distributed
+from vqmoe_megatron.distributed import (
+    ParallelLayout,
+    destroy_distributed,
+    init_distributed,
+    launcher_world_size,
+)
 from vqmoe_megatron.model import VQMoEGPTModel, build_model
 from vqmoe_megatron.moe import metrics
 from vqmoe_megatron.training.checkpoint import (
+    ALLOW_TOKENIZER_CHANGE,
     CheckpointManager,
     TrainerState,
+    check_tokenizer,
     current_layout,
     model_signature,
+    tokenizer_record,
 )
 from vqmoe_megatron.training.codebook import initialize_codebooks, maintain_codebooks
 from vqmoe_megatron.training.engine import LanguageModel, initialize_engine
@@ -143,9 +152,9 @@ class LoopControl:
         self.log.info(message)
 
 
-def validate_config(cfg: PretrainConfig) -> None:
-    """Refuse settings that cannot work, naming the setting and the fix."""
-    train, moe = cfg.train, cfg.moe
+def validate_config(cfg: PretrainConfig, world_size: int) -> None:
+    """Refuse settings that cannot work for ``world_size`` processes, naming the setting and
+    the fix: what ``--dry-run`` checks, plus what only a real run needs."""
     data = cfg.data
     if data.data_dir is None and not data.sources:
         raise ConfigError(
@@ -158,19 +167,12 @@ def validate_config(cfg: PretrainConfig) -> None:
         raise ConfigError(
             f"data.sources: weights {[s.weight for s in data.sources]} must all be positive"
         )
-    if train.zero_stage not in (1, 2):
-        raise ConfigError(f"train.zero_stage={train.zero_stage}: use 1 or 2 (expert parallel MoE)")
-    if moe.topk == 1 and not moe.pre_softmax and not moe.reference_router:
-        raise ConfigError(
-            "moe.pre_softmax=false with moe.topk=1 gives every token weight 1 (no router "
-            "gradient); set moe.pre_softmax=true, or moe.reference_router=true to reproduce that"
-        )
-    if train.recompute_activations and not torch.cuda.is_available():
+    if cfg.train.recompute_activations and not torch.cuda.is_available():
         raise ConfigError(
             "train.recompute_activations needs CUDA (megatron saves the CUDA RNG state)"
         )
-    if train.steps < 1 or train.log_interval < 1 or train.save_interval < 1:
-        raise ConfigError("train.steps, train.log_interval and train.save_interval must be >= 1")
+    check_settings(cfg, world_size)
+    check_output_dir("train.output_dir", cfg.train.output_dir)
 
 
 def fetch_policy(data: DataConfig) -> FetchPolicy:
@@ -207,10 +209,7 @@ class Pretrainer(LoopControl):
     """Owns one pretraining run (construct, then :meth:`run`)."""
 
     def __init__(self, cfg: PretrainConfig) -> None:
-        validate_config(cfg)
-        self.layout: ParallelLayout = init_distributed(
-            cfg.parallel.tensor_parallel, cfg.parallel.expert_parallel, seed=cfg.train.seed
-        )
+        validate_config(cfg, launcher_world_size())
         self.sources = load_sources(cfg.data)
         self.manifest: Manifest = (
             self.sources[0].manifest
@@ -224,8 +223,12 @@ class Pretrainer(LoopControl):
         )
         if cfg.model.vocab_size is None:
             cfg = replace(cfg, model=replace(cfg.model, vocab_size=self.manifest.vocab_size))
+            check_vocabulary(cfg.model.vocab_size, cfg.parallel.tensor_parallel)
         check_manifest_matches(
             self.manifest, vocab_size=cfg.model.vocab_size, seq_length=cfg.model.seq_length
+        )
+        self.layout: ParallelLayout = init_distributed(
+            cfg.parallel.tensor_parallel, cfg.parallel.expert_parallel, seed=cfg.train.seed
         )
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
@@ -263,6 +266,9 @@ class Pretrainer(LoopControl):
             layout=current_layout(),
             data_fingerprint=(
                 blend_fingerprint(self.sources) if self.sources else self.manifest.fingerprint
+            ),
+            tokenizer=tokenizer_record(
+                self.manifest.tokenizer_sha256, self.manifest.tokenizer_model
             ),
         )
         if resume is not None:
@@ -310,7 +316,21 @@ class Pretrainer(LoopControl):
         )
 
     def _resume(self, path: Path) -> None:
+        tokenizer = self.state.tokenizer
         self.state, loader_state = self.checkpoints.load(path, self.gpt, self.engine, self.cfg)
+        if check_tokenizer(
+            self.state.tokenizer,
+            tokenizer,
+            path,
+            self.cfg.train.allow_tokenizer_change,
+            f"Shard the data with {self.state.tokenizer.get('model')}, or set "
+            f"{ALLOW_TOKENIZER_CHANGE} to go on with the new tokenizer anyway",
+        ):
+            self.log.warning(
+                f"train.allow_tokenizer_change=true: continuing {path} (tokenizer sha256 "
+                f"{self.state.tokenizer['sha256']}) with tokenizer sha256 {tokenizer['sha256']}"
+            )
+        self.state.tokenizer = tokenizer
         self.state.layout = current_layout()
         if self.cfg.train.reset_dataloader:
             self.log.warning("train.reset_dataloader=true: the data stream starts afresh")

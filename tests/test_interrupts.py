@@ -1,0 +1,131 @@
+"""Ctrl-C at any moment of any command: exit status 130 and one line, never a traceback.
+
+The signal goes to the command's whole process group, as a terminal's Ctrl-C does (worker
+processes get it too). Moments: during the imports (seconds: torch, megatron, DeepSpeed) and
+in the middle of the work; an interrupted shard.py run then resumes to the same result.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from data_helpers import FIXTURE, tiny_shards, tiny_tokenizer
+from dist_utils import child_env
+from pretrain_helpers import CONFIG, SCRIPT, overrides
+
+REPO = Path(__file__).resolve().parent.parent
+STARTUP_DELAY_S = 1.0
+"""Well inside the imports of every command (torch alone takes longer), after the guard."""
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _ctrl_c(proc: subprocess.Popen) -> tuple[str, str]:
+    """Ctrl-C to the process group; the command's (stdout, stderr) once it has exited."""
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return out, err
+
+
+def _assert_interrupted(proc: subprocess.Popen, out: str, err: str) -> None:
+    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err, err[-3000:]
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("interrupted"), err[-3000:]
+    assert sum(line.startswith("interrupted") for line in err.splitlines()) == 1, err
+
+
+COMMANDS = {
+    "fetch_corpus": ["data_tools/fetch_corpus.py", "sotu", "--output", "{tmp}/corpora"],
+    "train_tokenizer": ["data_tools/train_tokenizer.py", str(FIXTURE), "--output-prefix", "{tmp}/t"],
+    "shard": ["data_tools/shard.py", str(FIXTURE), "--tokenizer", "{tmp}/t.model", "--output", "{tmp}/s", "--seq-length", "8"],
+    "inspect": ["data_tools/inspect.py", "{tmp}/s"],
+    "make_sst2": ["data_tools/make_sst2.py", "{tmp}/x.whl", "--out", "{tmp}/sst2"],
+    "pretrain": [str(SCRIPT), "--config", str(CONFIG), "data.data_dir={tmp}/s"],
+    "finetune": ["finetune/glue.py", "--task", "sst2", "--data_dir", "{tmp}", "--pretrained", "{tmp}/run"],
+    "convert": ["-m", "vqmoe_megatron.convert", "consolidated", "{tmp}/run", "{tmp}/c"],
+    "evaluate": ["-m", "vqmoe_megatron.evaluate", "--checkpoint", "{tmp}/run", "--data-dir", "{tmp}/s"],
+    "vqmoe-convert": ["-c", "from vqmoe_megatron.commands import convert; convert()"],
+    "vqmoe-evaluate": ["-c", "from vqmoe_megatron.commands import evaluate; evaluate()"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_ctrl_c_during_startup(name: str, tmp_path: Path):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in COMMANDS[name]]
+    proc = _start(args, REPO)
+    time.sleep(STARTUP_DELAY_S)
+    assert proc.poll() is None, proc.communicate()
+    _assert_interrupted(proc, *_ctrl_c(proc))
+
+
+def _wait_for(proc: subprocess.Popen, stream, marker: str, timeout: float = 300) -> str:
+    """Read ``stream`` of ``proc`` until ``marker`` appears; returns what was read."""
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        char = stream.read(1)
+        assert char and time.monotonic() < deadline, (proc.poll(), seen[-3000:])
+        seen += char
+    return seen
+
+
+@pytest.mark.slow  # three shard.py runs over ~6 MB of text (~30 s on a busy 2-core box)
+def test_ctrl_c_mid_sharding_then_the_rerun_resumes(tmp_path: Path, tmp_path_factory):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for copy in range(20):  # enough text for several seconds of tokenizing
+        for path in FIXTURE.glob("*.txt"):
+            shutil.copy(path, inputs / f"{copy}_{path.name}")
+    tokenizer = str(tiny_tokenizer(tmp_path_factory))
+
+    def args(out: str) -> list[str]:
+        return ["data_tools/shard.py", str(inputs), "--tokenizer", tokenizer, "--output", out,
+                "--seq-length", "64", "--workers", "2", "--shard-size-mb", "0.05"]  # fmt: skip
+
+    proc = _start(args(str(tmp_path / "out")), REPO)
+    seen = _wait_for(proc, proc.stderr, "sharding:")
+    out, err = _ctrl_c(proc)
+    _assert_interrupted(proc, out, seen + err)
+    for name in ("out", "reference"):  # the interrupted run resumes; a fresh one to compare
+        done = subprocess.run(
+            [sys.executable, *args(str(tmp_path / name)), "--quiet"],
+            cwd=REPO,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+    shards = sorted((tmp_path / "reference").glob("*.tar"))
+    assert len(shards) > 2
+    for shard in shards:
+        assert (tmp_path / "out" / shard.name).read_bytes() == shard.read_bytes()
+
+
+@pytest.mark.slow  # a tiny pretraining run's start-up (~20 s on a busy 2-core box)
+def test_ctrl_c_mid_training(tmp_path: Path, tmp_path_factory):
+    shards = tiny_shards(tmp_path_factory, "interrupts")
+    out = tmp_path / "run"
+    proc = _start(
+        [str(SCRIPT), "--config", str(CONFIG), *overrides(shards, out, "train.steps=100000")], REPO
+    )
+    seen = _wait_for(proc, proc.stdout, "step 2/")
+    stdout, err = _ctrl_c(proc)
+    _assert_interrupted(proc, seen + stdout, err)
