@@ -190,10 +190,10 @@ def test_blend_settings_are_checked():
         return load_config(PretrainConfig, None, overrides)
 
     with pytest.raises(ConfigError, match="data.data_dir and data.sources are both set"):
-        validate_config(settings("data.data_dir=a", "data.sources=[{path: b, weight: 1}]"))
+        validate_config(settings("data.data_dir=a", "data.sources=[{path: b, weight: 1}]"), 1)
     with pytest.raises(ConfigError, match=r"weights \[0.5, 0.0\] must all be positive"):
-        validate_config(settings("data.sources=[{path: a, weight: 0.5}, {path: b, weight: 0}]"))
+        validate_config(settings("data.sources=[{path: a, weight: 0.5}, {path: b, weight: 0}]"), 1)
     with pytest.raises(ConfigError, match="'data.sources'.0.: 'weight' is required"):
         settings("data.sources=[{path: a}]")
     with pytest.raises(ConfigError, match="data.data_dir is not set"):
-        validate_config(settings())
+        validate_config(settings(), 1)
