@@ -167,6 +167,9 @@ class TrainConfig:
     """Full activation recomputation per transformer layer (GPU; saves memory)."""
     reset_dataloader: bool = False
     """On resume, start the data stream afresh instead of continuing it (e.g. new data)."""
+    resume_fallback: bool = False
+    """On resume, when the newest complete checkpoint has a missing or damaged file, resume from
+    the newest intact one instead of stopping with an error."""
     inject_nonfinite_steps: list[int] = field(default_factory=list)
     """Fault injection for tests: make the loss NaN at these steps."""
 

@@ -99,11 +99,15 @@ def _staging(out: Path) -> Path:
 
 def _write_output(out: Path, write: Callable[[Path], dict]) -> dict:
     """Run ``write(staging)`` (collective) and move the finished output to ``out`` with its
-    ``conversion.json``; on any failure the staging directory is removed."""
+    ``conversion.json`` (the record, and the size of every file for the consumers' integrity
+    check); on any failure the staging directory is removed."""
+    from vqmoe_megatron.training.checkpoint_files import record_files
+
     staging = _staging(out)
     try:
         record = write(staging)
         if _rank() == 0:
+            record["files"] = record_files(staging)
             (staging / "conversion.json").write_text(json.dumps(record, indent=2) + "\n", "utf-8")
             staging.rename(out)
         _barrier()
@@ -206,12 +210,13 @@ def run_hf(args: argparse.Namespace) -> dict:
 def _write_run(step_dir: Path, cfg, staging: Path, output: Path) -> None:
     """Copy the checkpoint into ``staging`` as the run directory ``output`` at ``cfg``'s layout."""
     from vqmoe_megatron.config import dump_yaml
-    from vqmoe_megatron.training.checkpoint import LATEST
+    from vqmoe_megatron.training.checkpoint import LATEST, CheckpointManager
 
     run_cfg = replace(cfg, train=replace(cfg.train, output_dir=str(output)))
     target = staging / "checkpoints" / step_dir.name
     shutil.copytree(step_dir, target)
     dump_yaml(run_cfg, target / "config.yaml")
+    CheckpointManager.write_state(target, CheckpointManager.read_state(target))
     dump_yaml(run_cfg, staging / "config.yaml")
     (staging / "checkpoints" / LATEST).write_text(step_dir.name, "utf-8")
 

@@ -122,7 +122,7 @@ class GlueFinetuner(LoopControl):
         self.rank0 = self.layout.rank == 0
         self.out = Path(cfg.train.output_dir)
         self.checkpoints = CheckpointManager(self.out, cfg.train.keep_last)
-        resume = self.checkpoints.latest()
+        resume, note = self.checkpoints.resume_point(cfg.train.resume_fallback)
 
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -177,7 +177,7 @@ class GlueFinetuner(LoopControl):
             data_fingerprint=self.fingerprint,
         )
         if resume is not None:
-            self._resume(resume)
+            self._resume(resume, note)
         self.best = BestModel(self.out / BEST_DIR)
         self.stop = StopRequest()
 
@@ -201,7 +201,9 @@ class GlueFinetuner(LoopControl):
     def _truncated(self) -> int:
         return sum(split.truncated for split in self.splits.values())
 
-    def _resume(self, path: Path) -> None:
+    def _resume(self, path: Path, note: Optional[str] = None) -> None:
+        if note:
+            self.log.warning(note)
         self.state, _ = self.checkpoints.load(path, self.model, self.engine, self.cfg)
         if self.state.data_fingerprint != self.fingerprint:
             self.log.warning(

@@ -190,7 +190,7 @@ class Pretrainer(LoopControl):
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.train_loader = self._loader("train")
         self.checkpoints = CheckpointManager(self.out, cfg.train.keep_last)
-        resume = self.checkpoints.latest()
+        resume, note = self.checkpoints.resume_point(cfg.train.resume_fallback)
         if resume is None and any(
             bool(layer.router.quantizer.needs_data_init) for layer in self.gpt.vq_layers()
         ):
@@ -206,7 +206,7 @@ class Pretrainer(LoopControl):
             data_fingerprint=self.manifest.fingerprint,
         )
         if resume is not None:
-            self._resume(resume)
+            self._resume(resume, note)
         self.tokens_per_step = (
             cfg.data.micro_batch_size
             * cfg.model.seq_length
@@ -234,7 +234,9 @@ class Pretrainer(LoopControl):
             verify_checksums=data.verify_checksums,
         )
 
-    def _resume(self, path: Path) -> None:
+    def _resume(self, path: Path, note: Optional[str] = None) -> None:
+        if note:
+            self.log.warning(note)
         self.state, loader_state = self.checkpoints.load(path, self.gpt, self.engine, self.cfg)
         self.state.layout = current_layout()
         if self.cfg.train.reset_dataloader:
