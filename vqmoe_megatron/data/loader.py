@@ -25,6 +25,7 @@ from vqmoe_megatron.data.errors import DataError
 from vqmoe_megatron.data.manifest import Manifest, load_manifest
 from vqmoe_megatron.data.schedule import SlotSchedule
 from vqmoe_megatron.data.shard_format import iter_shard
+from vqmoe_megatron.processes import end_with_parent
 
 STATE_VERSION = 1
 _STATE_KEYS = (
@@ -48,8 +49,9 @@ def _ignore_stop_signals(worker_id: int) -> None:
     dies on a SIGTERM its parent did not send, and the training process's SIGCHLD handler then
     raises "DataLoader worker ... is killed by signal" in the middle of a step instead of letting
     it save. Ignoring them is safe: the training process shuts its workers down itself, and a
-    worker exits when its parent is gone.
+    worker is killed when its parent is gone (:func:`~vqmoe_megatron.processes.end_with_parent`).
     """
+    end_with_parent()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
