@@ -41,9 +41,9 @@ _STATE_KEYS = (
 )
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: the training process, not its loader workers, handles the
-    stop signals (SIGTERM, SIGUSR1).
+def _init_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: die with the training process, and leave the stop signals
+    (SIGTERM, SIGUSR1) to it.
 
     slurm signals every process of a job step, loader workers included. torch's worker handler
     dies on a SIGTERM its parent did not send, and the training process's SIGCHLD handler then
@@ -227,7 +227,7 @@ class TokenShardLoader:
             collate_fn=_as_is,
             num_workers=self.num_workers,
             prefetch_factor=max(2, self.micro_batch_size) if self.num_workers else None,
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=_init_worker,
         )
         items: list[dict] = []
         for item in loader:

@@ -327,20 +327,24 @@ def _load_tensors(template: dict, step_dir: Path, what: str = "tensors", hint: s
         ) from exc
 
 
-RANK_STATE_GLOBALS = (
-    np.ndarray,
-    np.dtype,
-    np.dtypes.UInt32DType,
-    np._core.multiarray._reconstruct,
-)
-"""What a rank file holds besides tensors and plain Python values: numpy's RNG state array."""
+def _rank_state_globals() -> list:
+    """What a rank file holds besides tensors and plain Python values: numpy's uint32 RNG-state
+    array, under the names numpy 1.x and 2.x pickle it with (``numpy.core`` became
+    ``numpy._core``)."""
+    array = np.zeros(1, dtype=np.uint32)
+    reconstruct = array.__reduce__()[0]
+    names = [
+        (reconstruct, f"{module}.multiarray._reconstruct")
+        for module in ("numpy.core", "numpy._core")
+    ]
+    return [np.ndarray, np.dtype, type(array.dtype), *names]
 
 
 def read_rank_state(file: Path) -> dict:
     """A rank file's RNG and loader state, unpickled with ``weights_only=True`` (tensors, plain
     values and uint32 numpy arrays only: a tampered file runs no code)."""
     try:
-        with torch.serialization.safe_globals(list(RANK_STATE_GLOBALS)):
+        with torch.serialization.safe_globals(_rank_state_globals()):
             saved = torch.load(file, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises several types for foreign pickles
         reason = str(exc).split("WeightsUnpickler error: ")[-1].splitlines()[0]
