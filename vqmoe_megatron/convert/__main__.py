@@ -92,7 +92,15 @@ def _staging(out: Path) -> Path:
     staging = out.parent / f".{out.name}.partial"
     if _rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        try:
+            staging.mkdir(parents=True)
+        except OSError as exc:
+            from vqmoe_megatron.training.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"cannot create the output {out} ({exc.strerror}: {exc.filename}); choose a "
+                "writable directory"
+            ) from exc
     _barrier()
     return staging
 
@@ -304,11 +312,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     output = getattr(args, "output", None)
     if output is not None and output.exists():
         return fail(f"{output} already exists; remove it or choose another output")
+    blocker = next((p for p in (output.parents if output else ()) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        return fail(f"cannot create the output {output}: {blocker} is a file, not a directory")
+    if min(getattr(args, "tensor_parallel", 1), getattr(args, "expert_parallel", 1)) < 1:
+        return fail("--tensor-parallel and --expert-parallel must be at least 1")
     try:
         record = COMMANDS[args.command](args)
         rank = _rank()
     except (CheckpointError, VerificationError, ConfigError, DataError, ValueError) as exc:
         return fail(str(exc))
+    except OSError as exc:  # a full disk or a vanished file while writing the output
+        return fail(f"cannot write {output}: {exc.strerror or exc} ({exc.filename})")
     finally:
         destroy_distributed()
     if rank == 0:

@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vqmoe_megatron.config import ConfigError, PretrainConfig, dump_yaml, load_config
@@ -143,7 +144,11 @@ def write_consolidated(
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / f"{WEIGHTS}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "vqmoe-consolidated-v1"})
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "vqmoe-consolidated-v1"})
+        except SafetensorError as exc:  # its I/O errors (a full disk) are not OSErrors
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot write {out_dir / WEIGHTS}: {exc}") from exc
         tmp.replace(out_dir / WEIGHTS)
         dump_yaml(cfg, out_dir / CONFIG)
         if tokenizer_model is not None:

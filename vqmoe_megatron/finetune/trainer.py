@@ -55,7 +55,7 @@ from vqmoe_megatron.training.checkpoint import (
 from vqmoe_megatron.training.codebook import maintain_codebooks
 from vqmoe_megatron.training.engine import initialize_engine
 from vqmoe_megatron.training.evaluation import all_reduce_sum
-from vqmoe_megatron.training.run_logger import RunLogger, progress_line
+from vqmoe_megatron.training.run_logger import RunLogger, make_output_dir, progress_line
 from vqmoe_megatron.training.trainer import (
     PREEMPTED,
     LoopControl,
@@ -143,7 +143,7 @@ class GlueFinetuner(LoopControl):
             saved = CheckpointManager.read_state(resume)
             check_signature(saved.signature, model_signature(cfg), resume)
         if self.rank0:
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_output_dir(self.out)
             (self.out / PREEMPTED).unlink(missing_ok=True)
             dump_yaml(cfg, self.out / "config.yaml")
         self.log = RunLogger(self.out, self.rank0, train.tensorboard)

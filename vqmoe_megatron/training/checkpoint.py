@@ -105,16 +105,22 @@ STRUCTURAL_FIELDS = {
 only resumes a run that agrees on them. Sections a config lacks are skipped."""
 
 
-def read_failure(exc: BaseException) -> str:
-    """One line saying why reading tensors failed (torch's CheckpointException carries every
-    rank's exception with its traceback; only the exceptions are kept)."""
+def io_failure(exc: BaseException) -> str:
+    """One line saying why reading or writing tensors failed (torch's CheckpointException
+    carries every rank's exception with its traceback; only the exceptions are kept)."""
     causes = (
         [pair[0] for pair in exc.failures.values()]
         if isinstance(exc, CheckpointException)
         else [exc]
     )
-    names = sorted({f"{type(c).__name__}: {c}" if str(c) else type(c).__name__ for c in causes})
-    return "; ".join(names) + " (a tensor file is missing, truncated or damaged)"
+    return "; ".join(
+        sorted({f"{type(c).__name__}: {c}" if str(c) else type(c).__name__ for c in causes})
+    )
+
+
+def read_failure(exc: BaseException) -> str:
+    """:func:`io_failure` of a read, with what it means."""
+    return io_failure(exc) + " (a tensor file is missing, truncated or damaged)"
 
 
 class CheckpointError(RuntimeError):
@@ -492,11 +498,19 @@ class CheckpointManager:
         _barrier()
         sharded, _ = _sharded_state(model, engine, for_load=False)
         apply_checkpoint_io_patches()
-        dist_checkpointing.save(sharded, str(partial / "dist"))
-        torch.save(
-            {"rng": _rng_state(), "loader": loader_state},
-            partial / "rank_states" / f"rank_{self.rank:05d}.pt",
-        )
+        try:
+            dist_checkpointing.save(sharded, str(partial / "dist"))
+            torch.save(
+                {"rng": _rng_state(), "loader": loader_state},
+                partial / "rank_states" / f"rank_{self.rank:05d}.pt",
+            )
+        except (OSError, RuntimeError, CheckpointException) as exc:  # a full disk, say
+            shutil.rmtree(partial, ignore_errors=True)
+            free = shutil.disk_usage(self.root).free / 2**20
+            raise CheckpointError(
+                f"cannot write checkpoint {final} ({io_failure(exc)}); {free:.0f} MiB free in {self.root}. "
+                "The previous checkpoints are untouched; free space and restart to resume"
+            ) from exc
         if self.rank == 0:
             state.optimizer_steps = optimizer_steps_taken(engine)
             state.scheduler_steps = engine.lr_scheduler.last_epoch

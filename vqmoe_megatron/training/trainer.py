@@ -45,7 +45,7 @@ from vqmoe_megatron.training.codebook import initialize_codebooks, maintain_code
 from vqmoe_megatron.training.engine import LanguageModel, initialize_engine
 from vqmoe_megatron.training.evaluation import all_reduce_sum, filler_batch, lm_metrics, sum_nll
 from vqmoe_megatron.training.flops import device_peak_tflops, flops_per_token
-from vqmoe_megatron.training.run_logger import RunLogger, progress_line
+from vqmoe_megatron.training.run_logger import RunLogger, make_output_dir, progress_line
 
 PREEMPTED = "preempted"
 COMPLETE = "complete"
@@ -173,7 +173,7 @@ class Pretrainer(LoopControl):
         self.out = Path(cfg.train.output_dir)
         self.rank0 = self.layout.rank == 0
         if self.rank0:
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_output_dir(self.out)
             (self.out / PREEMPTED).unlink(missing_ok=True)
             dump_yaml(cfg, self.out / "config.yaml")
         self.log = RunLogger(self.out, self.rank0, cfg.train.tensorboard)
