@@ -210,6 +210,9 @@ class TrainConfig:
     allow_tokenizer_change: bool = False
     """Resume (or fine-tune, convert) with a tokenizer other than the one the checkpoint was
     trained with (by sha256); refused unless set, since the ids then mean other text."""
+    resume_fallback: bool = False
+    """On resume, when the newest complete checkpoint has a missing or damaged file, resume from
+    the newest intact one instead of stopping with an error."""
     inject_nonfinite_steps: list[int] = field(default_factory=list)
     """Fault injection for tests: make the loss NaN at these steps."""
 

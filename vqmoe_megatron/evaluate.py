@@ -236,6 +236,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
         return fail("--batch-size and --max-batches must be at least 1")
+    if min(args.tensor_parallel, args.expert_parallel) < 1:
+        return fail("--tensor-parallel and --expert-parallel must be at least 1")
+    if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):
+        return fail(f"--json {args.json}: give a file in an existing directory")
     from vqmoe_megatron.config import ConfigError
     from vqmoe_megatron.data import DataError
     from vqmoe_megatron.distributed import destroy_distributed
@@ -251,7 +255,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if rank == 0:
         print(format_result(result))
         if args.json is not None:
-            args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            try:
+                args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            except OSError as exc:
+                return fail(f"cannot write --json {args.json}: {exc.strerror}")
     return 0
 
 

@@ -96,18 +96,30 @@ def _staging(out: Path) -> Path:
     staging = out.parent / f".{out.name}.partial"
     if _rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        try:
+            staging.mkdir(parents=True)
+        except OSError as exc:
+            from vqmoe_megatron.training.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"cannot create the output {out} ({exc.strerror}: {exc.filename}); choose a "
+                "writable directory"
+            ) from exc
     _barrier()
     return staging
 
 
 def _write_output(out: Path, write: Callable[[Path], dict]) -> dict:
     """Run ``write(staging)`` (collective) and move the finished output to ``out`` with its
-    ``conversion.json``; on any failure the staging directory is removed."""
+    ``conversion.json`` (the record, and the size of every file for the consumers' integrity
+    check); on any failure the staging directory is removed."""
+    from vqmoe_megatron.training.checkpoint_files import record_files
+
     staging = _staging(out)
     try:
         record = write(staging)
         if _rank() == 0:
+            record["files"] = record_files(staging)
             (staging / "conversion.json").write_text(json.dumps(record, indent=2) + "\n", "utf-8")
             staging.rename(out)
         _barrier()
@@ -210,12 +222,13 @@ def run_hf(args: argparse.Namespace) -> dict:
 def _write_run(step_dir: Path, cfg, staging: Path, output: Path) -> None:
     """Copy the checkpoint into ``staging`` as the run directory ``output`` at ``cfg``'s layout."""
     from vqmoe_megatron.config import dump_yaml
-    from vqmoe_megatron.training.checkpoint import LATEST
+    from vqmoe_megatron.training.checkpoint import LATEST, CheckpointManager
 
     run_cfg = replace(cfg, train=replace(cfg.train, output_dir=str(output)))
     target = staging / "checkpoints" / step_dir.name
     shutil.copytree(step_dir, target)
     dump_yaml(run_cfg, target / "config.yaml")
+    CheckpointManager.write_state(target, CheckpointManager.read_state(target))
     dump_yaml(run_cfg, staging / "config.yaml")
     (staging / "checkpoints" / LATEST).write_text(step_dir.name, "utf-8")
 
@@ -303,11 +316,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     output = getattr(args, "output", None)
     if output is not None and output.exists():
         return fail(f"{output} already exists; remove it or choose another output")
+    blocker = next((p for p in (output.parents if output else ()) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        return fail(f"cannot create the output {output}: {blocker} is a file, not a directory")
+    if min(getattr(args, "tensor_parallel", 1), getattr(args, "expert_parallel", 1)) < 1:
+        return fail("--tensor-parallel and --expert-parallel must be at least 1")
     try:
         record = COMMANDS[args.command](args)
         rank = _rank()
     except (CheckpointError, VerificationError, ConfigError, DataError, ValueError) as exc:
         return fail(str(exc))
+    except OSError as exc:  # a full disk or a vanished file while writing the output
+        return fail(f"cannot write {output}: {exc.strerror or exc} ({exc.filename})")
     finally:
         destroy_distributed()
     if rank == 0:

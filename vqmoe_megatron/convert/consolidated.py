@@ -7,6 +7,8 @@ Layout of a consolidated directory::
                         (codebook statistics); fp32
     config.yaml         the resolved PretrainConfig of the run (structure + routing settings)
     tokenizer.model     the sentencepiece model, when known
+    conversion.json     what vqmoe-convert did, with the size of every other file (checked
+                        before the directory is used; older directories lack the sizes)
 
 It loads into a model built at any tensor/expert-parallel layout, and into a ``discrete`` model
 from a ``pretrain`` one (the router and gate weights are dropped, nothing else may be).
@@ -22,6 +24,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vqmoe_megatron.config import ConfigError, PretrainConfig, dump_yaml, load_config
@@ -29,22 +32,84 @@ from vqmoe_megatron.parallel_tensors import gather_full_tensors, is_expert_param
 from vqmoe_megatron.training.checkpoint import (
     CheckpointError,
     check_signature,
+    checkpoint_problem,
     load_model_weights,
     model_signature,
     read_checkpoint_config,
     resolve_checkpoint,
 )
+from vqmoe_megatron.training.checkpoint_files import read_json_record, recorded_problem
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.model"
+RECORD = "conversion.json"
 ROUTER_ONLY_KEYS = (".router.continuous.", ".router.gate.")
 """Weights that exist only in ``pretrain`` routing mode."""
 
 
+def conversion_kind(path: Path) -> Optional[str]:
+    """The ``kind`` its ``conversion.json`` gives an output of vqmoe-convert (None: no readable
+    record)."""
+    try:
+        kind = read_json_record(Path(path) / RECORD).get("kind")
+    except ValueError:
+        return None
+    return kind if isinstance(kind, str) else None
+
+
 def is_consolidated(path: Path) -> bool:
     """Whether ``path`` is a consolidated directory."""
-    return (Path(path) / WEIGHTS).is_file() and (Path(path) / CONFIG).is_file()
+    path = Path(path)
+    kind = conversion_kind(path)
+    if kind is not None:
+        return kind == "consolidated"
+    return (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
+
+
+def consolidated_problem(path: Path) -> Optional[str]:
+    """The first missing or damaged file of consolidated directory ``path``, or None."""
+    if (path / RECORD).is_file():
+        try:
+            files = read_json_record(path / RECORD).get("files")
+        except ValueError as exc:
+            return str(exc)
+        problem = recorded_problem(path, files) if isinstance(files, dict) else None
+        if problem:
+            return problem
+    for name in (WEIGHTS, CONFIG):
+        if not (path / name).is_file():
+            return f"{path / name} is missing"
+    return None
+
+
+def resolve_pretrained(path: Path) -> Path:
+    """The intact consolidated directory or training step directory meant by ``path`` (see
+    :func:`~vqmoe_megatron.training.checkpoint.resolve_checkpoint`); a damaged one is refused
+    naming the file and what to use instead."""
+    path = Path(path)
+    kind = conversion_kind(path)
+    if kind == "hf":
+        raise CheckpointError(
+            f"{path} is a Hugging Face export (load it with transformers); give the training "
+            "checkpoint it came from or a consolidated directory"
+        )
+    if not (is_consolidated(path) or (path / WEIGHTS).is_file()):
+        return resolve_checkpoint(path)
+    problem = consolidated_problem(path)
+    if problem:
+        try:
+            source = read_json_record(path / RECORD).get("source")
+        except ValueError:
+            source = None
+        intact = source and (Path(source) / "COMPLETE").is_file() and not checkpoint_problem(source)
+        advice = (
+            f"it was converted from {source}, which is intact: convert that again"
+            if intact
+            else "convert its training checkpoint again"
+        )
+        raise CheckpointError(f"consolidated checkpoint {path} is damaged: {problem}; {advice}")
+    return path
 
 
 def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -79,7 +144,11 @@ def write_consolidated(
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / f"{WEIGHTS}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "vqmoe-consolidated-v1"})
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "vqmoe-consolidated-v1"})
+        except SafetensorError as exc:  # its I/O errors (a full disk) are not OSErrors
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot write {out_dir / WEIGHTS}: {exc}") from exc
         tmp.replace(out_dir / WEIGHTS)
         dump_yaml(cfg, out_dir / CONFIG)
         if tokenizer_model is not None:
@@ -102,13 +171,13 @@ def read_consolidated(path: Path) -> tuple[PretrainConfig, dict[str, torch.Tenso
 
 def pretrained_config(path: Path) -> PretrainConfig:
     """The run config of a consolidated directory or training checkpoint."""
-    path = Path(path)
+    path = resolve_pretrained(path)
     if is_consolidated(path):
         try:
             return load_config(PretrainConfig, path / CONFIG)
         except ConfigError as exc:
             raise CheckpointError(f"{path / CONFIG}: {exc}") from exc
-    return read_checkpoint_config(resolve_checkpoint(path))
+    return read_checkpoint_config(path)
 
 
 def load_full_tensors(gpt: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -148,7 +217,7 @@ def load_full_tensors(gpt: torch.nn.Module, tensors: dict[str, torch.Tensor], so
 
 def load_pretrained(gpt: torch.nn.Module, path: Path, cfg: PretrainConfig) -> None:
     """Load weights from a consolidated directory or a training checkpoint (collective)."""
-    path = Path(path)
+    path = resolve_pretrained(path)
     if is_consolidated(path):
         saved, tensors = read_consolidated(path)
         check_signature(
@@ -156,4 +225,4 @@ def load_pretrained(gpt: torch.nn.Module, path: Path, cfg: PretrainConfig) -> No
         )
         load_full_tensors(gpt, tensors, path / WEIGHTS)
     else:
-        load_model_weights(gpt, resolve_checkpoint(path), cfg)
+        load_model_weights(gpt, path, cfg)

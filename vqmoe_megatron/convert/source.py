@@ -20,6 +20,7 @@ from vqmoe_megatron.convert.consolidated import (
     is_consolidated,
     load_pretrained,
     pretrained_config,
+    resolve_pretrained,
 )
 from vqmoe_megatron.data import DataError, Tokenizer, load_manifest
 from vqmoe_megatron.model import VQMoEGPTModel, build_model
@@ -46,7 +47,7 @@ class Source:
     @property
     def description(self) -> str:
         """The resolved location (the step directory for training checkpoints)."""
-        return str(self.path if is_consolidated(self.path) else resolve_checkpoint(self.path))
+        return str(resolve_pretrained(self.path))
 
 
 def tokenizer_path(path: Path, cfg: PretrainConfig, explicit: Optional[Path]) -> Optional[Path]:

@@ -26,6 +26,7 @@ from vqmoe_megatron.data.manifest import Manifest, load_manifest
 from vqmoe_megatron.data.schedule import SlotSchedule
 from vqmoe_megatron.data.shard_format import iter_shard
 from vqmoe_megatron.data.store import FetchPolicy
+from vqmoe_megatron.processes import end_with_parent
 
 STATE_VERSION = 1
 _STATE_KEYS = (
@@ -41,16 +42,17 @@ _STATE_KEYS = (
 )
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: the training process, not its loader workers, handles the
-    stop signals (SIGTERM, SIGUSR1).
+def _init_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: die with the training process, and leave the stop signals
+    (SIGTERM, SIGUSR1) to it.
 
     slurm signals every process of a job step, loader workers included. torch's worker handler
     dies on a SIGTERM its parent did not send, and the training process's SIGCHLD handler then
     raises "DataLoader worker ... is killed by signal" in the middle of a step instead of letting
     it save. Ignoring them is safe: the training process shuts its workers down itself, and a
-    worker exits when its parent is gone.
+    worker is killed when its parent is gone (:func:`~vqmoe_megatron.processes.end_with_parent`).
     """
+    end_with_parent()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
@@ -229,7 +231,7 @@ class TokenShardLoader:
             collate_fn=_as_is,
             num_workers=self.num_workers,
             prefetch_factor=max(2, self.micro_batch_size) if self.num_workers else None,
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=_init_worker,
         )
         items: list[dict] = []
         for item in loader:

@@ -42,6 +42,7 @@ from vqmoe_megatron.data.sources import (
     resolve_inputs,
 )
 from vqmoe_megatron.data.tokenizer import Tokenizer
+from vqmoe_megatron.processes import end_with_parent
 
 CHUNK_BYTES = 1 << 20
 PACKING = (
@@ -100,6 +101,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(model: str, sources: list[Source], settings: ShardSettings, dtype: str) -> None:
+    end_with_parent()
     # Ctrl-C is the main process's to handle (it stops the pool); workers would only add
     # tracebacks to its one-line message.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -26,15 +26,11 @@ from vqmoe_megatron.config import (
     read_yaml,
     to_dict,
 )
-from vqmoe_megatron.convert.consolidated import CONFIG, is_consolidated, pretrained_config
+from vqmoe_megatron.convert.consolidated import CONFIG, pretrained_config, resolve_pretrained
 from vqmoe_megatron.convert.source import open_source, tokenizer_path
 from vqmoe_megatron.data import Tokenizer
 from vqmoe_megatron.glue.tasks import get_task
-from vqmoe_megatron.training.checkpoint import (
-    CheckpointError,
-    model_signature,
-    resolve_checkpoint,
-)
+from vqmoe_megatron.training.checkpoint import CheckpointError, model_signature
 
 
 def read_pretrained_config(path: Union[str, Path]) -> PretrainConfig:
@@ -46,7 +42,7 @@ def read_pretrained_config(path: Union[str, Path]) -> PretrainConfig:
             f"pretrained checkpoint {path} does not exist; give a pretraining run directory, its "
             "checkpoints/ or a checkpoints/step_* directory, or a consolidated directory"
         )
-    config_file = path / CONFIG if is_consolidated(path) else resolve_checkpoint(path) / CONFIG
+    config_file = resolve_pretrained(path) / CONFIG
     try:
         raw = read_yaml(config_file)
     except ConfigError as exc:

@@ -63,7 +63,7 @@ from vqmoe_megatron.training.checkpoint import (
 from vqmoe_megatron.training.codebook import maintain_codebooks
 from vqmoe_megatron.training.engine import initialize_engine
 from vqmoe_megatron.training.evaluation import all_reduce_sum
-from vqmoe_megatron.training.run_logger import RunLogger, progress_line
+from vqmoe_megatron.training.run_logger import RunLogger, make_output_dir, progress_line
 from vqmoe_megatron.training.trainer import (
     PREEMPTED,
     LoopControl,
@@ -123,7 +123,7 @@ class GlueFinetuner(LoopControl):
         self.rank0 = self.layout.rank == 0
         self.out = Path(cfg.train.output_dir)
         self.checkpoints = CheckpointManager(self.out, cfg.train.keep_last)
-        resume = self.checkpoints.latest()
+        resume, note = self.checkpoints.resume_point(cfg.train.resume_fallback)
 
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -144,7 +144,7 @@ class GlueFinetuner(LoopControl):
             saved = CheckpointManager.read_state(resume)
             check_signature(saved.signature, model_signature(cfg), resume)
         if self.rank0:
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_output_dir(self.out)
             (self.out / PREEMPTED).unlink(missing_ok=True)
             dump_yaml(cfg, self.out / "config.yaml")
         self.log = RunLogger(self.out, self.rank0, train.tensorboard)
@@ -179,7 +179,7 @@ class GlueFinetuner(LoopControl):
             tokenizer=tokenizer_record(self.tokenizer.sha256, self.tokenizer.path.resolve()),
         )
         if resume is not None:
-            self._resume(resume)
+            self._resume(resume, note)
         self.best = BestModel(self.out / BEST_DIR)
         self.stop = StopRequest()
 
@@ -203,7 +203,9 @@ class GlueFinetuner(LoopControl):
     def _truncated(self) -> int:
         return sum(split.truncated for split in self.splits.values())
 
-    def _resume(self, path: Path) -> None:
+    def _resume(self, path: Path, note: Optional[str] = None) -> None:
+        if note:
+            self.log.warning(note)
         tokenizer = self.state.tokenizer
         self.state, _ = self.checkpoints.load(path, self.model, self.engine, self.cfg)
         check_tokenizer(

@@ -7,7 +7,8 @@ Layout of ``<output_dir>/checkpoints``::
                               Adam moments ("optimizer.exp_avg.*", "optimizer.exp_avg_sq.*") and
                               model buffers (codebook statistics), as global sharded tensors
         rank_states/rank_00000.pt   per-rank RNG states and data-loader position
-        trainer_state.json    step, counters, LR schedule, optimizer step, layout, signature
+        trainer_state.json    step, counters, LR schedule, optimizer step, layout, signature,
+                              and the size of every other file (written after all of them)
         config.yaml           the resolved run config
         COMPLETE              written last: a directory without it is never used
     latest                    the tag of the newest complete checkpoint, replaced atomically
@@ -23,7 +24,13 @@ mapping DeepSpeed's universal-checkpoint loader uses.
 
 Crash safety: a save goes to ``step_N.partial/``, is renamed to ``step_N/`` when every rank has
 written, gets ``COMPLETE``, and only then does ``latest`` move. Loading falls back to the newest
-complete checkpoint when ``latest`` points at a missing or incomplete one.
+complete checkpoint when ``latest`` points at a missing or incomplete one. A complete checkpoint
+whose files are missing or damaged (see ``checkpoint_files``) is refused naming the file and the
+newest intact checkpoint of the run; a resume falls back to that one only with
+``train.resume_fallback=true``.
+
+Loading runs no code from the checkpoint: the rank files are read with ``weights_only=True``, the
+tensor index and non-tensor items through ``compat.checkpoint_io``.
 """
 
 from __future__ import annotations
@@ -46,7 +53,14 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 from torch.distributed.checkpoint.api import CheckpointException
 
+from vqmoe_megatron.compat.checkpoint_io import apply_checkpoint_io_patches
 from vqmoe_megatron.config import PretrainConfig, dump_yaml
+from vqmoe_megatron.training.checkpoint_files import (
+    read_json_record,
+    record_files,
+    recorded_problem,
+    structural_problem,
+)
 from vqmoe_megatron.training.engine import (
     flat_optimizer_groups,
     full_fp32_param,
@@ -91,16 +105,22 @@ STRUCTURAL_FIELDS = {
 only resumes a run that agrees on them. Sections a config lacks are skipped."""
 
 
-def read_failure(exc: BaseException) -> str:
-    """One line saying why reading tensors failed (torch's CheckpointException carries every
-    rank's exception with its traceback; only the exceptions are kept)."""
+def io_failure(exc: BaseException) -> str:
+    """One line saying why reading or writing tensors failed (torch's CheckpointException
+    carries every rank's exception with its traceback; only the exceptions are kept)."""
     causes = (
         [pair[0] for pair in exc.failures.values()]
         if isinstance(exc, CheckpointException)
         else [exc]
     )
-    names = sorted({f"{type(c).__name__}: {c}" if str(c) else type(c).__name__ for c in causes})
-    return "; ".join(names) + " (a tensor file is missing, truncated or damaged)"
+    return "; ".join(
+        sorted({f"{type(c).__name__}: {c}" if str(c) else type(c).__name__ for c in causes})
+    )
+
+
+def read_failure(exc: BaseException) -> str:
+    """:func:`io_failure` of a read, with what it means."""
+    return io_failure(exc) + " (a tensor file is missing, truncated or damaged)"
 
 
 class CheckpointError(RuntimeError):
@@ -124,6 +144,9 @@ class TrainerState:
     """The tokenizer the model learned ids of: ``{"sha256": ..., "model": path}`` (empty in
     checkpoints written before it was recorded)."""
     version: int = CHECKPOINT_VERSION
+    files: dict = field(default_factory=dict)
+    """Relative path -> bytes of every file of the checkpoint but this state and COMPLETE
+    (empty in checkpoints written before the record existed)."""
 
 
 def model_signature(cfg: Any) -> dict:
@@ -204,16 +227,69 @@ def find_latest(root: Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
+def checkpoint_problem(step_dir: Path) -> Optional[str]:
+    """The first missing or damaged file of complete checkpoint ``step_dir``, or None."""
+    step_dir = Path(step_dir)
+    marker = step_dir / COMPLETE
+    if not marker.read_text(encoding="utf-8", errors="replace").strip().isdigit():
+        return f"{marker} is damaged (it holds no step number)"
+    try:
+        raw = read_json_record(step_dir / STATE_FILE)
+    except ValueError as exc:
+        return str(exc)
+    files = raw.get("files")
+    if isinstance(files, dict) and files:
+        problem = recorded_problem(step_dir, files)
+        if problem:
+            return problem
+    layout = raw.get("layout")
+    world_size = layout.get("world_size", 1) if isinstance(layout, dict) else 1
+    return structural_problem(step_dir, world_size if isinstance(world_size, int) else 1)
+
+
+def newest_intact(root: Path, exclude: Path) -> Optional[Path]:
+    """The newest complete checkpoint under ``root`` other than ``exclude`` whose files are all
+    there (None when there is none)."""
+    for candidate in reversed(complete_checkpoints(root)):
+        if candidate != exclude and checkpoint_problem(candidate) is None:
+            return candidate
+    return None
+
+
+def intact_advice(step_dir: Path) -> str:
+    """Which checkpoint of the same run to use instead of ``step_dir``."""
+    step_dir = Path(step_dir)
+    other = newest_intact(step_dir.parent, exclude=step_dir)
+    if other is None:
+        return "this run has no other intact checkpoint"
+    return f"the newest intact checkpoint of this run is {other}: use it instead"
+
+
+def damaged(step_dir: Path, problem: str) -> CheckpointError:
+    """The error for a checkpoint that cannot be used: the problem and :func:`intact_advice`."""
+    return CheckpointError(
+        f"checkpoint {step_dir} is damaged: {problem}; {intact_advice(step_dir)}"
+    )
+
+
+def verify_checkpoint(step_dir: Path) -> Path:
+    """``step_dir`` if all its files are there, else the :func:`damaged` error."""
+    problem = checkpoint_problem(step_dir)
+    if problem:
+        raise damaged(step_dir, problem)
+    return Path(step_dir)
+
+
 def resolve_checkpoint(path: Path) -> Path:
-    """The complete step directory meant by ``path``: a run directory, its ``checkpoints``
-    directory (newest complete step) or a step directory."""
+    """The complete, intact step directory meant by ``path``: a run directory, its
+    ``checkpoints`` directory (newest complete step) or a step directory."""
     path = Path(path)
     if (path / COMPLETE).is_file():
-        return path
+        return verify_checkpoint(path)
     for root in (path / "checkpoints", path):
         found = find_latest(root) if root.is_dir() else None
         if found is not None:
-            return found
+            return verify_checkpoint(found)
     if path.name.startswith("step_") and path.is_dir():
         raise CheckpointError(f"{path} is an incomplete checkpoint (no {COMPLETE} file)")
     raise CheckpointError(
@@ -241,18 +317,10 @@ def load_model_weights(gpt: torch.nn.Module, step_dir: Path, cfg: PretrainConfig
     state = CheckpointManager.read_state(step_dir)
     check_signature(state.signature, model_signature(cfg), step_dir, ignore=("moe.routing_mode",))
     template, _ = _sharded_state(gpt, None, for_load=True)
-    try:
-        loaded = dist_checkpointing.load(template, str(Path(step_dir) / "dist"))
-    except READ_ERRORS as exc:
-        hint = ""
-        if (
-            state.signature.get("moe.routing_mode") == "discrete"
-            and cfg.moe.routing_mode == "pretrain"
-        ):
-            hint = " (the checkpoint was trained in discrete mode: it has no router or gate)"
-        raise CheckpointError(
-            f"cannot read the weights of {step_dir}{hint}: {read_failure(exc)}"
-        ) from exc
+    hint = ""
+    if state.signature.get("moe.routing_mode") == "discrete" and cfg.moe.routing_mode == "pretrain":
+        hint = " (the checkpoint was trained in discrete mode: it has no router or gate)"
+    loaded = _load_tensors(template, Path(step_dir), "the weights", hint)
     gpt.load_state_dict(loaded, strict=True)
     return state
 
@@ -260,11 +328,13 @@ def load_model_weights(gpt: torch.nn.Module, step_dir: Path, cfg: PretrainConfig
 def missing_optimizer_state(gpt: torch.nn.Module, step_dir: Path) -> list[str]:
     """Adam moments a resume of ``gpt`` (any layout) needs that checkpoint ``step_dir`` lacks."""
     template, owners = _sharded_state(gpt, None, for_load=True)
+    apply_checkpoint_io_patches()
     try:
         stored = set(dist_checkpointing.load_tensors_metadata(str(Path(step_dir) / "dist")))
     except READ_ERRORS as exc:
         raise CheckpointError(
-            f"cannot read the tensor index of {step_dir}: {read_failure(exc)}"
+            f"cannot read the tensor index of {step_dir}: {read_failure(exc)}; "
+            + intact_advice(step_dir)
         ) from exc
     wanted = {
         f"optimizer.{name}.{template[key].key}"
@@ -273,6 +343,46 @@ def missing_optimizer_state(gpt: torch.nn.Module, step_dir: Path) -> list[str]:
         for name in ADAM_KEYS
     }
     return sorted(wanted - stored)
+
+
+def _load_tensors(template: dict, step_dir: Path, what: str = "tensors", hint: str = "") -> dict:
+    """``dist_checkpointing.load`` of ``step_dir`` (collective); a failure names the checkpoint
+    and the intact one to use instead."""
+    apply_checkpoint_io_patches()
+    try:
+        return dist_checkpointing.load(template, str(step_dir / "dist"))
+    except READ_ERRORS as exc:
+        raise CheckpointError(
+            f"cannot read {what} of {step_dir}{hint}: {read_failure(exc)}; "
+            + intact_advice(step_dir)
+        ) from exc
+
+
+def _rank_state_globals() -> list:
+    """What a rank file holds besides tensors and plain Python values: numpy's uint32 RNG-state
+    array, under the names numpy 1.x and 2.x pickle it with (``numpy.core`` became
+    ``numpy._core``)."""
+    array = np.zeros(1, dtype=np.uint32)
+    reconstruct = array.__reduce__()[0]
+    names = [
+        (reconstruct, f"{module}.multiarray._reconstruct")
+        for module in ("numpy.core", "numpy._core")
+    ]
+    return [np.ndarray, np.dtype, type(array.dtype), *names]
+
+
+def read_rank_state(file: Path) -> dict:
+    """A rank file's RNG and loader state, unpickled with ``weights_only=True`` (tensors, plain
+    values and uint32 numpy arrays only: a tampered file runs no code)."""
+    try:
+        with torch.serialization.safe_globals(_rank_state_globals()):
+            saved = torch.load(file, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for foreign pickles
+        reason = str(exc).split("WeightsUnpickler error: ")[-1].splitlines()[0]
+        raise damaged(file.parent.parent, f"{file} cannot be read safely ({reason})") from exc
+    if not isinstance(saved, dict) or not {"rng", "loader"} <= set(saved):
+        raise damaged(file.parent.parent, f"{file} is not a rank state file")
+    return saved
 
 
 def _sharded_state(
@@ -412,18 +522,27 @@ class CheckpointManager:
             (partial / "dist").mkdir()
         _barrier()
         sharded, _ = _sharded_state(model, engine, for_load=False)
-        dist_checkpointing.save(sharded, str(partial / "dist"))
-        torch.save(
-            {"rng": _rng_state(), "loader": loader_state},
-            partial / "rank_states" / f"rank_{self.rank:05d}.pt",
-        )
+        apply_checkpoint_io_patches()
+        try:
+            dist_checkpointing.save(sharded, str(partial / "dist"))
+            torch.save(
+                {"rng": _rng_state(), "loader": loader_state},
+                partial / "rank_states" / f"rank_{self.rank:05d}.pt",
+            )
+        except (OSError, RuntimeError, CheckpointException) as exc:  # a full disk, say
+            shutil.rmtree(partial, ignore_errors=True)
+            free = shutil.disk_usage(self.root).free / 2**20
+            raise CheckpointError(
+                f"cannot write checkpoint {final} ({io_failure(exc)}); {free:.0f} MiB free in {self.root}. "
+                "The previous checkpoints are untouched; free space and restart to resume"
+            ) from exc
         if self.rank == 0:
             state.optimizer_steps = optimizer_steps_taken(engine)
             state.scheduler_steps = engine.lr_scheduler.last_epoch
-            (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2), "utf-8")
             dump_yaml(cfg, partial / "config.yaml")
         _barrier()
         if self.rank == 0:
+            self.write_state(partial, state)
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
             (final / COMPLETE).write_text(f"{state.step}\n", "utf-8")
@@ -439,6 +558,26 @@ class CheckpointManager:
         for old in complete[: max(len(complete) - self.keep_last, 0)]:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def resume_point(self, fallback: bool) -> tuple[Optional[Path], Optional[str]]:
+        """The checkpoint a restart resumes from (None: start afresh) and, when it is not the
+        latest one because that one is damaged and ``fallback`` allows another, why."""
+        latest = self.latest()
+        problem = checkpoint_problem(latest) if latest is not None else None
+        if problem is None:
+            return latest, None
+        error = damaged(latest, problem)
+        other = newest_intact(self.root, exclude=latest)
+        if not fallback or other is None:
+            hint = " (or set train.resume_fallback=true to resume from it)" if other else ""
+            raise CheckpointError(f"{error}{hint}")
+        return other, f"{error}; train.resume_fallback=true: resuming from {other}"
+
+    @staticmethod
+    def write_state(step_dir: Path, state: TrainerState) -> None:
+        """Write ``trainer_state.json`` with the size of every other file of ``step_dir``."""
+        state.files = record_files(step_dir, exclude=(STATE_FILE, COMPLETE))
+        (step_dir / STATE_FILE).write_text(json.dumps(asdict(state), indent=2), "utf-8")
 
     @staticmethod
     def read_state(path: Path) -> TrainerState:
@@ -470,10 +609,7 @@ class CheckpointManager:
         state = self.read_state(path)
         check_signature(state.signature, model_signature(cfg), path)
         template, owners = _sharded_state(model, engine, for_load=True)
-        try:
-            loaded = dist_checkpointing.load(template, str(path / "dist"))
-        except READ_ERRORS as exc:
-            raise CheckpointError(f"cannot read tensors of {path}: {read_failure(exc)}") from exc
+        loaded = _load_tensors(template, path)
         moments: dict[torch.nn.Parameter, dict] = {}
         model_state = {}
         for key, value in loaded.items():
@@ -501,7 +637,7 @@ class CheckpointManager:
         loader_state = None
         rank_file = path / "rank_states" / f"rank_{self.rank:05d}.pt"
         if same_data_ranks and rank_file.is_file():
-            saved = torch.load(rank_file, weights_only=False)
+            saved = read_rank_state(rank_file)
             _set_rng_state(saved["rng"])
             loader_state = saved["loader"]
         return state, loader_state

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from vqmoe_megatron.config import ConfigError
+
 
 def format_duration(seconds: float) -> str:
     """``3725`` -> ``1h02m05s``."""
@@ -18,6 +20,18 @@ def format_duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def make_output_dir(path: Path) -> None:
+    """Create a run directory; one that cannot be created (a file is in the way, a read-only
+    file system) is a ConfigError naming ``train.output_dir``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"train.output_dir={path} cannot be created ({exc.strerror}: {exc.filename}); "
+            "choose a writable directory"
+        ) from exc
 
 
 class RunLogger:

@@ -64,7 +64,7 @@ from vqmoe_megatron.training.codebook import initialize_codebooks, maintain_code
 from vqmoe_megatron.training.engine import LanguageModel, initialize_engine
 from vqmoe_megatron.training.evaluation import all_reduce_sum, filler_batch, lm_metrics, sum_nll
 from vqmoe_megatron.training.flops import device_peak_tflops, flops_per_token
-from vqmoe_megatron.training.run_logger import RunLogger, progress_line
+from vqmoe_megatron.training.run_logger import RunLogger, make_output_dir, progress_line
 
 PREEMPTED = "preempted"
 COMPLETE = "complete"
@@ -234,7 +234,7 @@ class Pretrainer(LoopControl):
         self.out = Path(cfg.train.output_dir)
         self.rank0 = self.layout.rank == 0
         if self.rank0:
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_output_dir(self.out)
             (self.out / PREEMPTED).unlink(missing_ok=True)
             dump_yaml(cfg, self.out / "config.yaml")
         self.log = RunLogger(self.out, self.rank0, cfg.train.tensorboard)
@@ -251,7 +251,7 @@ class Pretrainer(LoopControl):
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.train_loader = self._train_loader()
         self.checkpoints = CheckpointManager(self.out, cfg.train.keep_last)
-        resume = self.checkpoints.latest()
+        resume, note = self.checkpoints.resume_point(cfg.train.resume_fallback)
         if resume is None and any(
             bool(layer.router.quantizer.needs_data_init) for layer in self.gpt.vq_layers()
         ):
@@ -272,7 +272,7 @@ class Pretrainer(LoopControl):
             ),
         )
         if resume is not None:
-            self._resume(resume)
+            self._resume(resume, note)
         self.tokens_per_step = (
             cfg.data.micro_batch_size
             * cfg.model.seq_length
@@ -315,7 +315,9 @@ class Pretrainer(LoopControl):
             verify_checksums=data.verify_checksums,
         )
 
-    def _resume(self, path: Path) -> None:
+    def _resume(self, path: Path, note: Optional[str] = None) -> None:
+        if note:
+            self.log.warning(note)
         tokenizer = self.state.tokenizer
         self.state, loader_state = self.checkpoints.load(path, self.gpt, self.engine, self.cfg)
         if check_tokenizer(
