@@ -35,6 +35,7 @@ class ModelConfig:
     hidden_size: int = 256
     """Model width d."""
     num_attention_heads: int = 8
+    """Attention heads (hidden_size must be divisible by it)."""
     num_query_groups: Optional[int] = None
     """Key/value heads for grouped-query attention; None: one per attention head (MHA)."""
     ffn_hidden_size: int = 1024
@@ -44,12 +45,17 @@ class ModelConfig:
     seq_length: int = 512
     """Tokens per training sample; must equal the shards' ``seq_length``."""
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """Norm of every layer and the final norm."""
     activation: Literal["gelu", "swiglu"] = "gelu"
     """FFN activation of dense layers and experts (swiglu doubles the first projection)."""
     position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
+    """Rotary (rope) or learned absolute position embeddings."""
     rotary_base: int = 10000
+    """Base of the rotary frequencies."""
     hidden_dropout: float = 0.0
+    """Dropout after attention and MLP outputs."""
     attention_dropout: float = 0.0
+    """Dropout of the attention probabilities."""
     init_method_std: float = 0.02
     """Standard deviation of the normal initialisation of all weights (and routers)."""
     untie_embeddings_and_output_weights: bool = False
@@ -63,7 +69,9 @@ class MoEConfig:
     """VQMoE layers (METHOD.md) and the router baselines used for comparison."""
 
     num_experts: int = 16
+    """Experts E per MoE layer (0: a dense model)."""
     expert_ffn_hidden_size: int = 512
+    """FFN width of each expert."""
     layer_freq: int = 1
     """Every ``layer_freq``-th layer is an MoE layer (1: all layers), counting from the first."""
     router: Literal["vqmoe", "topk"] = "vqmoe"
@@ -73,6 +81,7 @@ class MoEConfig:
     topk: int = 1
     """Experts per token on the continuous (router) path."""
     token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    """megatron's token dispatcher: all-to-all or all-gather between expert-parallel ranks."""
     capacity_factor: Optional[float] = None
     """None: dropless. Only the continuous path is capacity-limited."""
     expert_backend: Literal["auto", "grouped", "sequential", "te"] = "auto"
@@ -87,14 +96,17 @@ class MoEConfig:
     aux_loss_coeff: float = 0.01
     """lambda_bal: Switch load-balancing loss weight (per layer)."""
     z_loss_coeff: Optional[float] = None
+    """Router z-loss weight (None: off)."""
     reference_router: bool = False
     """Reproduce the reference code: softmax over the selected logits only and no balance loss."""
     router_dtype: Literal["fp32", "fp64"] = "fp32"
+    """Precision of the router, gate and code-distance arithmetic."""
 
     # Discrete (vector-quantized) path.
     num_codes: Optional[int] = None
     """Codebook size K (default: num_experts). Code j serves expert j mod E."""
     distance: Literal["l2", "cosine"] = "l2"
+    """Nearest-code metric: squared L2 (the paper's) or cosine."""
     expert_input: Literal["paper", "token", "quantized"] = "paper"
     """What the discrete expert sees: paper ((1-rho)x + rho*sg(q-x)), token (x), quantized (STE)."""
     contrib_rate: float = 0.05
@@ -104,11 +116,17 @@ class MoEConfig:
     vq_loss_coeff: float = 0.08
     """beta_vq: weight of the VQ loss (per layer)."""
     commitment_cost: float = 0.25
+    """beta of the VQ loss: weight of the term that commits tokens to their codes."""
     codebook_init: Literal["normal", "kmeans"] = "normal"
+    """normal: N(0, codebook_init_std^2); kmeans: k-means over the first batch, per layer."""
     codebook_init_std: float = 0.02
+    """Standard deviation of the normal codebook initialisation."""
     kmeans_iters: int = 10
+    """Lloyd iterations of the k-means initialisation."""
     codebook_update: Literal["gradient", "ema"] = "gradient"
+    """gradient: the VQ loss learns the codebook; ema: moving averages of each code's tokens (docs/METHOD.md section 5)."""
     ema_decay: float = 0.99
+    """Decay of the EMA codebook statistics."""
     dead_code_interval: int = 100
     """Optimizer steps between dead-code restarts (0 disables restarts)."""
     dead_code_threshold: float = 1e-3
@@ -116,6 +134,7 @@ class MoEConfig:
     train_codebook_in_discrete: bool = False
     """Keep learning the codebook in discrete mode (frozen by default)."""
     vq_loss_in_discrete: bool = True
+    """Keep the VQ loss in discrete mode (with a frozen codebook only its commitment term acts)."""
 
 
 @dataclass
@@ -172,31 +191,48 @@ class TrainConfig:
     """Optimisation, DeepSpeed engine, checkpointing and logging."""
 
     output_dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, TensorBoard logs, checkpoints/; a directory with checkpoints resumes."""
     seed: int = 1234
+    """Seed of the initialisation, dropout and everything else drawn at random."""
     steps: int = 1000
+    """Optimizer steps of the run."""
     lr: float = 3.5e-4
+    """Peak learning rate (AdamW)."""
     min_lr: float = 0.0
+    """Learning rate at the end of the cosine or linear decay."""
     warmup_steps: int = 0
+    """Linear warmup from 0 to lr."""
     lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    """Decay after the warmup."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     grad_clip: float = 0.25
+    """Global gradient-norm clipping (0: off)."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step and data-parallel rank."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    """Training precision (bf16 keeps fp32 master weights in ZeRO)."""
     zero_stage: int = 2
+    """DeepSpeed ZeRO stage (1 or 2; 3 does not support expert parallelism)."""
     deepspeed_config: Optional[str] = None
     """Optional DeepSpeed JSON whose entries override the ones derived from this config."""
     log_interval: int = 10
+    """Steps between log lines (loss, throughput, routing metrics)."""
     eval_interval: int = 200
+    """Steps between evaluations of the valid split (0: only at the end of fine-tuning epochs)."""
     eval_batches: Optional[int] = 20
     """Valid micro-batches per evaluation (None: the whole valid split)."""
     save_interval: int = 500
+    """Steps between checkpoints (a final one is always written)."""
     keep_last: int = 3
+    """Checkpoints kept; older ones are deleted after a save completes."""
     max_nonfinite_steps: int = 5
     """Abort after this many consecutive non-finite losses (the last good checkpoint stays)."""
     tensorboard: bool = True
+    """Write TensorBoard logs next to metrics.jsonl."""
     dead_code_warn_fraction: float = 0.25
     """Warn when a layer has this fraction of its codes dead in a log window."""
     imbalance_warn_ratio: float = 4.0
@@ -253,10 +289,13 @@ class FinetuneSettings:
     """Sentence vector for the head: the last real token (EOS, which attends to the whole input
     under causal attention) or the mean over real tokens."""
     head_dropout: float = 0.1
+    """Dropout before the classification head."""
     max_seq_length: Optional[int] = None
     """Longer inputs are truncated (longest text first); None: the model's seq_length."""
     micro_batch_size: int = 32
+    """Examples per micro-batch and data-parallel rank."""
     epochs: int = 3
+    """Passes over the training split (unless steps is set)."""
     steps: Optional[int] = None
     """Stop after this many optimizer steps instead of ``epochs`` epochs."""
     warmup_fraction: float = 0.1
