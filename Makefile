@@ -28,7 +28,7 @@ install: $(VENV)/.installed  ## create .venv: CPU torch (pinned), then the packa
 test: $(VENV)/.installed  ## run the test suite (what CI runs); PYTEST_ARGS="..." for a subset
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
-demo: $(VENV)/.installed  ## the whole pipeline on CPU, about 7 minutes on 2 cores (demo/demo.yaml; DEMO_ARGS="key=value")
+demo: $(VENV)/.installed  ## the whole pipeline on CPU, about 5 minutes on 2 cores (demo/demo.yaml; DEMO_ARGS="key=value")
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) demo/demo.py $(DEMO_ARGS)
 
 lint: $(VENV)/.installed  ## ruff check and format check
