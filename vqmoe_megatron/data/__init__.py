@@ -1,7 +1,7 @@
 """Data for pretraining: tokenizer, shard manifest and the resumable streaming loader.
 
 The tools that make the data live in ``data_tools/`` (fetch_corpus, train_tokenizer, shard,
-inspect); README.md ("Data") describes the commands, the manifest and the packing convention.
+inspect); docs/data.md describes the commands, the manifest and the packing convention.
 """
 
 from vqmoe_megatron.data.errors import DataError

@@ -3,7 +3,7 @@
 ``data_tools/shard.py`` writes the manifest last, after every shard is in place, so a directory
 with a manifest is complete. It records the tokenizer (checksum, vocabulary size, special ids),
 the packing (seq_length, dtype), and per split the sample, token and source-byte counts and every
-shard with its sha256. See README.md ("Data") for the field list.
+shard with its sha256. See docs/data.md for the field list.
 """
 
 from __future__ import annotations
