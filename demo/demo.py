@@ -251,7 +251,9 @@ class Demo:
             Step(
                 "score the same text with lm-evaluation-harness on the export",
                 [
-                    str(Path(PYTHON).parent / "lm_eval"),
+                    PYTHON,
+                    "-m",
+                    "lm_eval",
                     "--model",
                     "hf",
                     "--model_args",
@@ -390,9 +392,14 @@ def run_logged(command: list[str], log: Path) -> None:
     with log.open("a", encoding="utf-8") as sink:
         sink.write(f"$ {shlex.join(command)}\n")
         sink.flush()
-        proc = subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        try:
+            proc = subprocess.Popen(
+                command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        except OSError as exc:
+            raise DemoError(
+                f"cannot start {command[0]} ({exc}); is the environment complete?"
+            ) from exc
         assert proc.stdout is not None
         try:
             for line in proc.stdout:
