@@ -108,8 +108,9 @@ def _step_rate(config: str, data: Path, steps: int, warmup: int) -> tuple[float,
     from vqmoe_megatron.model import build_model
     from vqmoe_megatron.moe import metrics
     from vqmoe_megatron.training.codebook import write_codebook_rows
-    from vqmoe_megatron.training.engine import LanguageModel, initialize_engine
+    from vqmoe_megatron.training.engine import initialize_engine
     from vqmoe_megatron.training.flops import flops_per_token
+    from vqmoe_megatron.training.language_model import LanguageModel
 
     cfg = load_config(PretrainConfig, config)
     manifest = load_manifest(data)

@@ -33,8 +33,9 @@ from vqmoe_megatron.distributed import destroy_distributed, init_distributed
 from vqmoe_megatron.model import build_model, use_transformer_engine
 from vqmoe_megatron.moe import metrics
 from vqmoe_megatron.training.codebook import write_codebook_rows
-from vqmoe_megatron.training.engine import LanguageModel, initialize_engine
+from vqmoe_megatron.training.engine import initialize_engine
 from vqmoe_megatron.training.flops import device_peak_tflops, flops_per_token, model_size
+from vqmoe_megatron.training.language_model import LanguageModel
 
 REPO = Path(__file__).resolve().parent.parent
 

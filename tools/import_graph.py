@@ -36,11 +36,14 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("moe", "data", "glue"),
     # 3: the model
     ("model",),
-    # 4: a run's settings checked against the model and DeepSpeed before anything is built
-    ("config_checks",),
+    # 4: a run's settings checked against the model and DeepSpeed before anything is built;
+    #    checkpoint files (the package issue 11 part 2 creates)
+    ("config_checks", "checkpoint"),
     # 5: training, fine-tuning, conversion, evaluation
     ("training", "finetune", "convert", "hf", "evaluate", "eval_tasks"),
-    # 6: command-line entry points
+    # 6: what differs per task (issue 11 part 1)
+    ("tasks",),
+    # 7: command-line entry points
     ("cli", "commands"),
 )
 """Units by layer, lowest first. A unit not listed here is reported as a problem."""

@@ -161,13 +161,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     from vqmoe_megatron.convert.source import load_model, open_source, with_layout
     from vqmoe_megatron.distributed import init_distributed
     from vqmoe_megatron.moe import metrics
-    from vqmoe_megatron.training.engine import LanguageModel
     from vqmoe_megatron.training.evaluation import (
         all_reduce_sum,
         filler_batch,
         lm_metrics,
         sum_nll,
     )
+    from vqmoe_megatron.training.language_model import LanguageModel
 
     source = open_source(args.checkpoint, args.tokenizer, require_tokenizer=args.text is not None)
     routing = args.routing or source.cfg.moe.routing_mode

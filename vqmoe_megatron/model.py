@@ -310,7 +310,7 @@ class VQMoEGPTModel(GPTModel):
 
         Dead codes of gradient-learned codebooks are written with ``write_rows(param, rows,
         values)``; under DeepSpeed pass a writer that also updates the optimizer's fp32 master
-        weights (``training.engine``), or ZeRO overwrites the restart at the next step.
+        weights (``training.codebook.write_codebook_rows``), or ZeRO overwrites the restart at the next step.
         Returns the restarts by layer number (for logging).
         """
         restarts = {}

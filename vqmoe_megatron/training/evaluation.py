@@ -1,6 +1,6 @@
 """Language-model evaluation shared by the trainer and ``vqmoe-evaluate``.
 
-:func:`sum_nll` runs a :class:`~vqmoe_megatron.training.engine.LanguageModel` (or the DeepSpeed
+:func:`sum_nll` runs a :class:`~vqmoe_megatron.training.language_model.LanguageModel` (or the DeepSpeed
 engine around it) over batches ``{"tokens": [B, S+1], "loss_mask": [B, S] (optional)}`` and sums
 the negative log-likelihood of the counted targets; :func:`lm_metrics` turns sums into loss
 (nats per token), perplexity and bits per byte (``NLL / ln 2 / bytes``).

@@ -61,9 +61,10 @@ from vqmoe_megatron.training.checkpoint import (
     tokenizer_record,
 )
 from vqmoe_megatron.training.codebook import initialize_codebooks, maintain_codebooks
-from vqmoe_megatron.training.engine import LanguageModel, initialize_engine
+from vqmoe_megatron.training.engine import initialize_engine
 from vqmoe_megatron.training.evaluation import all_reduce_sum, filler_batch, lm_metrics, sum_nll
 from vqmoe_megatron.training.flops import device_peak_tflops, flops_per_token
+from vqmoe_megatron.training.language_model import LanguageModel
 from vqmoe_megatron.training.run_logger import RunLogger, make_output_dir, progress_line
 
 PREEMPTED = "preempted"
