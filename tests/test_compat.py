@@ -1,5 +1,6 @@
-"""Device portability pieces: SDPA attention equals megatron's, norms carry the SP flag, and the
-process-wide CPU shims refuse to run where CUDA is present."""
+"""Every patch of ``vqmoe_megatron.compat``: the portable layers equal megatron's, the CPU shims
+refuse to run where CUDA is present, and for each patch a check that fails when upstream changes
+or fixes the code it works around (megatron-core 0.16.1, DeepSpeed 0.19.8, torch 2.13)."""
 
 from __future__ import annotations
 
@@ -160,3 +161,94 @@ def test_deepspeed_still_links_only_the_first_groups_optimizer_state():
     flat = flat_optimizer_groups(engine)[1][1]
     expected = engine.optimizer.optimizer.state[flat]["exp_avg"][: model[1].weight.numel()]
     torch.testing.assert_close(read(model[1].weight, "exp_avg"), expected)
+
+
+def test_megatron_rope_still_moves_its_table_to_the_cuda_device_and_ours_does_not(monkeypatch):
+    """megatron's ``get_emb`` moves a CPU ``inv_freq`` to ``torch.cuda.current_device()`` (here
+    a stand-in device, "meta"); the swapped class keeps the module's device."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from vqmoe_megatron.compat import DeviceSafeRotaryEmbedding, use_device_safe_rotary_embedding
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: torch.device("meta"))
+    upstream = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, use_cpu_initialization=True)
+    assert upstream.get_emb(5).device.type == "meta"
+
+    holder = torch.nn.Module()
+    holder.rotary_pos_emb = RotaryEmbedding(
+        kv_channels=8, rotary_percent=1.0, use_cpu_initialization=True
+    )
+    use_device_safe_rotary_embedding(holder)
+    assert type(holder.rotary_pos_emb) is DeviceSafeRotaryEmbedding
+    emb = holder.rotary_pos_emb.get_emb(5)
+    assert emb.device.type == "cpu" and emb.shape == (5, 1, 1, 8)
+    expected = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, use_cpu_initialization=True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: torch.device("cpu"))
+    torch.testing.assert_close(emb, expected.get_emb(5), rtol=0, atol=0)
+
+
+def test_megatron_still_warns_about_moe_layer_subclasses_and_the_filter_drops_only_that(
+    config, caplog
+):
+    """Building a transformer layer whose MLP is our MoELayer subclass makes megatron warn
+    "Unknown MLP type" unfiltered; with the filter nothing is logged, other records pass."""
+    import logging
+
+    from megatron.core.transformer.spec_utils import build_module
+
+    from vqmoe_megatron.compat.megatron_logging import LOGGER, UnknownMlpTypeFilter
+    from vqmoe_megatron.model import build_block_spec
+
+    logger = logging.getLogger(LOGGER)
+    spec = build_block_spec(config, moe_variant(), use_te=False).layer_specs[0]
+
+    def build_and_collect() -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            build_module(spec, config=config, layer_number=1)
+        return [r.getMessage() for r in caplog.records if r.name == LOGGER]
+
+    ours = [f for f in logger.filters if isinstance(f, UnknownMlpTypeFilter)]
+    assert ours, "apply_process_patches() did not install the filter"
+    for f in ours:
+        logger.removeFilter(f)
+    try:
+        assert any("Unknown MLP type" in m for m in build_and_collect())
+    finally:
+        for f in ours:
+            logger.addFilter(f)
+    assert build_and_collect() == []
+    record = logging.LogRecord(LOGGER, logging.WARNING, __file__, 1, "other news", None, None)
+    assert UnknownMlpTypeFilter().filter(record)
+
+
+def test_alltoall_dispatcher_still_creates_a_cuda_stream_unless_the_slot_is_filled(
+    config, monkeypatch
+):
+    """megatron's dispatcher ``__init__`` creates ``torch.cuda.Stream()`` (which fails without
+    CUDA) when the class slot is empty; the shim's placeholder lets it build."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    config.num_moe_experts = 4
+    config.moe_token_dispatcher_type = "alltoall"
+    args = dict(config=config, pg_collection=get_default_pg_collection())
+    assert isinstance(MoEAlltoAllTokenDispatcher.cuda_dtoh_stream, shims.NoCudaStream)
+    MoEAlltoAllTokenDispatcher(4, list(range(4)), **args)
+    monkeypatch.setattr(MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream", None)
+    with pytest.raises(RuntimeError, match="torch.cuda.Stream requires CUDA support"):
+        MoEAlltoAllTokenDispatcher(4, list(range(4)), **args)
+
+
+def test_deepspeed_builds_the_shared_memory_op_only_when_its_op_table_allows():
+    """DeepSpeed's communication backend consults the op table by the name the shim switches
+    off; with the shim in place it builds nothing."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    assert builder is not None and builder.NAME == shims.SHM_COMM_OP
+    assert deepspeed.ops.__compatible_ops__[shims.SHM_COMM_OP] is False
+    assert "__compatible_ops__.get(builder.NAME" in inspect.getsource(build_shm_op)
+    assert build_shm_op() is None
