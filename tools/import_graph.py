@@ -237,11 +237,12 @@ def render(graph: ImportGraph, problems: Problems, modules: bool = False) -> str
     """The text report: units by layer with their imports, then the problems."""
     lines = []
     unit_edges = graph.unit_edges()
+    present = {unit_of(m) for m in graph.modules}
     for level, units in reversed(list(enumerate(LAYERS))):
-        lines.append(f"layer {level}:")
+        units = [u for u in units if u in present]
+        if units:
+            lines.append(f"layer {level}:")
         for unit in units:
-            if not any(unit_of(m) == unit for m in graph.modules):
-                continue
             targets = sorted(unit_edges.get(unit, ()), key=lambda u: (layer_of(u) or -1, u))
             marked = [f"{t} (UP)" if (layer_of(t) or -1) > level else t for t in targets]
             lines.append(f"  {unit} -> {', '.join(marked) if marked else '(nothing)'}")

@@ -36,6 +36,7 @@ from vqmoe_megatron.moe import (
     VQMoERouter,
     VQMoETransformerConfig,
 )
+from vqmoe_megatron.moe.metrics import RoutingMetrics, attach
 
 VOCAB_DIVISIBLE_BY = 128
 
@@ -233,6 +234,8 @@ class VQMoEGPTModel(GPTModel):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         use_device_safe_rotary_embedding(self)
+        self.routing_metrics = attach(self, RoutingMetrics())
+        """The routing statistics of this model's routers, kept apart from any other model's."""
 
     def final_hidden_states(
         self,
