@@ -106,10 +106,10 @@ def _step_rate(config: str, data: Path, steps: int, warmup: int) -> tuple[float,
     median over ``steps`` steps after ``warmup``, one process (fwd + bwd + ZeRO-2 AdamW)."""
     from vqmoe_megatron.distributed import destroy_distributed, init_distributed
     from vqmoe_megatron.model import build_model
-    from vqmoe_megatron.moe import metrics
     from vqmoe_megatron.training.codebook import write_codebook_rows
-    from vqmoe_megatron.training.engine import LanguageModel, initialize_engine
+    from vqmoe_megatron.training.engine import initialize_engine
     from vqmoe_megatron.training.flops import flops_per_token
+    from vqmoe_megatron.training.language_model import LanguageModel
 
     cfg = load_config(PretrainConfig, config)
     manifest = load_manifest(data)
@@ -118,8 +118,8 @@ def _step_rate(config: str, data: Path, steps: int, warmup: int) -> tuple[float,
         manifest, vocab_size=manifest.vocab_size, seq_length=cfg.model.seq_length
     )
     init_distributed(1, 1, seed=cfg.train.seed)
-    metrics.set_enabled(False)
     gpt = build_model(cfg.model, cfg.moe, cfg.parallel, seed=cfg.train.seed)
+    gpt.routing_metrics.enabled = False
     engine = initialize_engine(
         LanguageModel(gpt, manifest.pad_id), gpt, cfg.train, cfg.data.micro_batch_size
     )

@@ -29,7 +29,6 @@ from vqmoe_megatron.distributed import destroy_distributed, init_distributed
 from vqmoe_megatron.finetune.classifier import SequenceClassifier, task_loss
 from vqmoe_megatron.finetune.trainer import freeze_unused
 from vqmoe_megatron.model import build_model, padded_vocab_size
-from vqmoe_megatron.moe import metrics
 from vqmoe_megatron.training.flops import flops_per_token
 
 VARIANTS = {
@@ -83,13 +82,14 @@ def _step(model, optimizer, ids, lengths, labels) -> float:
     return time.perf_counter() - start
 
 
-def _rows_per_token(model, ids, lengths) -> float:
-    """Expert rows per token of one training forward pass (routing metrics, layer 1)."""
-    metrics.set_enabled(True)
-    metrics.reset()
+def _rows_per_token(model: SequenceClassifier, ids, lengths) -> float:
+    """Expert rows per token of one training forward pass (routing metrics, layer 1); the
+    model's routing metrics stay off afterwards (the timed steps do not record)."""
+    collector = model.gpt.routing_metrics
+    collector.reset()
     model(ids, lengths)
-    value = metrics.summarize()[1]["rows_per_token"]
-    metrics.set_enabled(False)
+    value = collector.summarize()[1]["rows_per_token"]
+    collector.enabled = False
     return value
 
 

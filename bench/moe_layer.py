@@ -107,7 +107,6 @@ def main() -> None:
     if unknown:
         parser.error(f"--profile {unknown[0]!r} is not a row; rows: {'; '.join(variants)}")
     init_distributed(1, 1)
-    metrics.set_enabled(False)
     torch.manual_seed(0)
     seq, batch = 512, args.tokens // 512
     blocks = {}
@@ -115,6 +114,8 @@ def main() -> None:
         blocks[name] = build_mlp_block(
             model, moe, ParallelConfig(), seed=0, moe_layer=is_moe
         ).train()
+        for collector in metrics.collectors(blocks[name]):
+            collector.enabled = False
     x = torch.randn(seq, batch, args.hidden)
     grad = torch.randn(seq, batch, args.hidden)
     times: dict[str, list[float]] = {name: [] for name in blocks}

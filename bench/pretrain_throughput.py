@@ -31,10 +31,10 @@ from vqmoe_megatron.config import PretrainConfig, load_config
 from vqmoe_megatron.data import TokenShardLoader, check_manifest_matches, load_manifest
 from vqmoe_megatron.distributed import destroy_distributed, init_distributed
 from vqmoe_megatron.model import build_model, use_transformer_engine
-from vqmoe_megatron.moe import metrics
 from vqmoe_megatron.training.codebook import write_codebook_rows
-from vqmoe_megatron.training.engine import LanguageModel, initialize_engine
+from vqmoe_megatron.training.engine import initialize_engine
 from vqmoe_megatron.training.flops import device_peak_tflops, flops_per_token, model_size
+from vqmoe_megatron.training.language_model import LanguageModel
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -140,10 +140,10 @@ def main() -> None:
     )
     rows = select(variants(cfg, te=use_transformer_engine(cfg.model)), args.only)  # + vocabulary
     init_distributed(1, 1, seed=cfg.train.seed)
-    metrics.set_enabled(False)
     engines = {}
     for name, variant in rows.items():
         gpt = build_model(variant.model, variant.moe, variant.parallel, seed=cfg.train.seed)
+        gpt.routing_metrics.enabled = False
         engine = initialize_engine(
             LanguageModel(gpt, manifest.pad_id), gpt, variant.train, cfg.data.micro_batch_size
         )

@@ -11,9 +11,9 @@ import pytest
 
 from finetune.glue import parse_args
 from vqmoe_megatron.config import ConfigError, ModelConfig, MoEConfig, PretrainConfig, dump_yaml
+from vqmoe_megatron.deepspeed_config import deepspeed_config
 from vqmoe_megatron.finetune.pretrained import load_finetune_config
 from vqmoe_megatron.glue import GlueDataError
-from vqmoe_megatron.training.engine import deepspeed_config
 
 MODEL = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=400)
 

@@ -14,7 +14,6 @@ from vqmoe_megatron.convert.consolidated import load_pretrained, write_consolida
 from vqmoe_megatron.finetune.classifier import SequenceClassifier, task_loss
 from vqmoe_megatron.finetune.trainer import freeze_unused
 from vqmoe_megatron.model import build_model
-from vqmoe_megatron.moe import metrics
 from vqmoe_megatron.parallel_tensors import gather_full_tensors
 
 ROUTER_OR_GATE = (".router.continuous.", ".router.gate.")
@@ -23,8 +22,6 @@ ROUTER_OR_GATE = (".router.continuous.", ".router.gate.")
 @pytest.fixture(scope="module", autouse=True)
 def _single_process():
     init_single_process()
-    yield
-    metrics.reset()
 
 
 def _gpt(mode: str, seed: int = 3):
@@ -83,7 +80,7 @@ def test_every_token_goes_to_exactly_one_expert_its_nearest_codes(pretrained):
     model = _classifier(pretrained, "discrete").train()
     plans, rows = _capture_routing(model)
     ids, lengths = _batch(torch.Generator().manual_seed(0))
-    metrics.reset()  # routing statistics of this forward pass only
+    model.gpt.routing_metrics.reset()  # routing statistics of this forward pass only
     model(ids, lengths).sum().backward()
     tokens = ids.numel()
     assert len(plans) == 2 and rows == [tokens, tokens]
@@ -95,7 +92,7 @@ def test_every_token_goes_to_exactly_one_expert_its_nearest_codes(pretrained):
         x = hidden.reshape(-1, hidden.shape[-1]).double()
         nearest = torch.cdist(x, layer.router.quantizer.codebook.double()).argmin(dim=1)
         assert torch.equal(plan.routing_map.float().argmax(dim=1), nearest % 4)
-    stats = metrics.summarize()
+    stats = model.gpt.routing_metrics.summarize()
     assert [stats[layer]["rows_per_token"] for layer in (1, 2)] == [1.0, 1.0]
     # Padding is routed too (one row each) but kept out of the routing statistics.
     assert stats[1]["tokens"] == int(lengths.sum())
@@ -108,7 +105,6 @@ def test_pretrain_routing_sends_each_token_through_two_paths(pretrained):
     model(ids, lengths).sum().backward()
     assert rows == [2 * ids.numel()] * 2
     assert all(plan.num_streams == 2 for _, plan in plans)
-    metrics.reset()
 
 
 @pytest.mark.parametrize("train_codebook", [False, True])
@@ -118,7 +114,6 @@ def test_gradients_reach_the_head_and_trunk_and_the_codebook_only_when_asked(
     model = _classifier(pretrained, "discrete", train_codebook=train_codebook).train()
     ids, lengths = _batch(torch.Generator().manual_seed(1))
     task_loss(model(ids, lengths), torch.tensor([0, 1, 2, 1]), regression=False).backward()
-    metrics.reset()
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert grads["head.weight"].abs().sum() > 0
     assert grads["gpt.embedding.word_embeddings.weight"].abs().sum() > 0
@@ -180,7 +175,6 @@ def test_tensor_parallel_classifier_matches_one_process(tmp_path, pooling):
     logits = model(ids, lengths)
     loss = task_loss(logits, labels, regression=False)
     loss.backward()
-    metrics.reset()
     torch.testing.assert_close(result["logits"], logits.detach(), rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-6, atol=1e-8)
     grads = gather_full_tensors(

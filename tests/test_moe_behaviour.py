@@ -6,6 +6,8 @@ import pytest
 import torch
 from moe_helpers import TINY_MODEL, build_moe_layer, init_single_process, moe_variant
 
+from vqmoe_megatron.config import ParallelConfig
+from vqmoe_megatron.model import build_model
 from vqmoe_megatron.moe import VectorQuantizer, metrics
 
 S, B = 8, 4
@@ -14,13 +16,6 @@ S, B = 8, 4
 @pytest.fixture(scope="module", autouse=True)
 def _single_process():
     init_single_process()
-
-
-@pytest.fixture(autouse=True)
-def _clean_metrics():
-    metrics.reset()
-    yield
-    metrics.reset()
 
 
 def _forward_backward(layer, seed: int = 0) -> torch.Tensor:
@@ -154,7 +149,7 @@ def test_training_refuses_uninitialised_kmeans_codebook():
 def test_routing_metrics_are_collected(mode, rows):
     layer = build_moe_layer(moe_variant(routing_mode=mode, expert_input="paper", num_codes=8))
     _forward_backward(layer)
-    stats = metrics.summarize()[1]
+    stats = layer.router.routing_metrics.summarize()[1]
     assert stats["tokens"] == S * B
     assert stats["rows_per_token"] == rows
     assert 1.0 <= stats["code_perplexity"] <= 8.0
@@ -167,4 +162,49 @@ def test_routing_metrics_are_collected(mode, rows):
         assert 0 < stats["gate_discrete"] < 1
         assert 0 <= stats["agreement"] <= 1
         assert 0 < stats["router_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
-    assert metrics.summarize() == {}
+    assert layer.router.routing_metrics.summarize() == {}
+
+
+def _tokens(seed: int, batch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(
+        0, TINY_MODEL.vocab_size, (batch, TINY_MODEL.seq_length), generator=generator
+    )
+
+
+def test_two_models_in_one_process_keep_their_routing_metrics_apart():
+    """A student and a teacher run interleaved: each model's summary equals what it reports when
+    it runs alone, and pausing one (or both through a module holding them) is per model."""
+    parallel = ParallelConfig()
+    student = build_model(TINY_MODEL, moe_variant(routing_mode="pretrain"), parallel, seed=1)
+    teacher = build_model(TINY_MODEL, moe_variant(routing_mode="discrete"), parallel, seed=2)
+    student.eval()
+    teacher.eval()
+    assert student.routing_metrics is not teacher.routing_metrics
+    assert metrics.collectors(student) == [student.routing_metrics]
+    with torch.no_grad():
+        student(_tokens(0, 2), None, None)
+        alone = student.routing_metrics.summarize()
+        student(_tokens(0, 2), None, None)
+        teacher(_tokens(1, 3), None, None)
+        with teacher.routing_metrics.paused():
+            teacher(_tokens(2, 5), None, None)
+            student(_tokens(3, 4), None, None)
+        mixed = student.routing_metrics.summarize()
+        taught = teacher.routing_metrics.summarize()
+        pair = torch.nn.ModuleList([student, teacher])
+        with metrics.paused(pair):
+            student(_tokens(0, 2), None, None)
+            teacher(_tokens(1, 3), None, None)
+    seq = TINY_MODEL.seq_length
+    assert sorted(alone) == sorted(mixed) == sorted(taught) == [1, 2]
+    for layer in (1, 2):
+        assert (alone[layer]["tokens"], alone[layer]["rows_per_token"]) == (2 * seq, 2.0)
+        assert (taught[layer]["tokens"], taught[layer]["rows_per_token"]) == (3 * seq, 1.0)
+        assert "gate_discrete" not in taught[layer] and "router_entropy" not in taught[layer]
+        assert mixed[layer]["tokens"] == 6 * seq
+    assert student.routing_metrics.summarize() == teacher.routing_metrics.summarize() == {}
+    assert student.routing_metrics.enabled and teacher.routing_metrics.enabled
+    with torch.no_grad():
+        student(_tokens(0, 2), None, None)
+    assert student.routing_metrics.summarize() == alone

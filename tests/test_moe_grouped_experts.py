@@ -24,7 +24,7 @@ from moe_helpers import (
 from vqmoe_megatron.config import ConfigError, ParallelConfig, PretrainConfig
 from vqmoe_megatron.convert.consolidated import full_state_dict, load_full_tensors
 from vqmoe_megatron.model import build_model, expert_backend
-from vqmoe_megatron.moe import GroupedGemmExperts, metrics
+from vqmoe_megatron.moe import GroupedGemmExperts
 from vqmoe_megatron.moe.grouped_gemm import expert_offsets, grouped_linear
 from vqmoe_megatron.training.checkpoint import (
     STATE_FILE,
@@ -129,7 +129,6 @@ def test_grouped_experts_match_sequential_mlp(dtype, activation, router):
         proj = torch.randn(8, 2, model.hidden_size).to(dtype)
         y, _ = layer(x)
         (y * proj).sum().backward()
-        metrics.reset()
         results[backend] = (y, x.grad, *expert_weights(layer, grads=True))
     assert isinstance(build_moe_layer(moe_variant()).experts, GroupedGemmExperts)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
@@ -154,7 +153,6 @@ def _gpt(cfg: PretrainConfig, seed: int):
 def _logits(gpt, tokens):
     with torch.no_grad():
         logits = gpt(tokens, None, None)
-    metrics.reset()
     return logits
 
 

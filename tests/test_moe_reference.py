@@ -21,8 +21,6 @@ from moe_helpers import (
     naive_vqmoe,
 )
 
-from vqmoe_megatron.moe import metrics
-
 TOKENS_S, TOKENS_B = 12, 3
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -79,7 +77,6 @@ def _compare(layer, moe, mode: str, seed: int = 0):
         assert param.requires_grad == leaf.requires_grad
         if param.requires_grad:
             torch.testing.assert_close(param.grad, leaf.grad, **TOL)
-    metrics.reset()
 
 
 GRID = list(
@@ -133,7 +130,6 @@ def test_token_mode_merges_rows_when_paths_agree():
     torch.testing.assert_close(plan.probs.sum(dim=1), expected_total, **TOL)
     merged = rows_per_token == 1
     torch.testing.assert_close(plan.probs[merged].max(dim=1).values, expected_total[merged], **TOL)
-    metrics.reset()
 
 
 def test_stacked_streams_dispatch_k_plus_one_rows():
@@ -146,4 +142,3 @@ def test_stacked_streams_dispatch_k_plus_one_rows():
     assert plan.hidden.shape == (2 * TOKENS_S, TOKENS_B, layer.config.hidden_size)
     assert plan.num_rows == tokens * 3 == int(plan.routing_map.sum())
     assert plan.routing_map[tokens:].sum(dim=1).eq(1).all()
-    metrics.reset()

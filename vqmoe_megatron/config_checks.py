@@ -226,7 +226,7 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
     if model.vocab_size is not None:
         check_vocabulary(model.vocab_size, tp)
     if cfg.train.deepspeed_config:
-        from vqmoe_megatron.training.engine import deepspeed_config
+        from vqmoe_megatron.deepspeed_config import deepspeed_config
 
         micro, setting = _micro_batch(cfg)
         deepspeed_config(cfg.train, micro, world_size // tp, setting)

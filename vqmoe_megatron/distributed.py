@@ -103,39 +103,27 @@ def launcher_rank(env: Optional[dict] = None) -> int:
     return 0
 
 
-def _disable_deepspeed_jit_on_cpu() -> None:
-    """DeepSpeed JIT-compiles a shared-memory comm op at init (~50 s of g++) that only its
-    inference all-reduce uses; nothing in training needs it, so it is switched off on CPU."""
-    if torch.cuda.is_available():
-        return
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 def init_distributed(
     tensor_parallel: int = 1, expert_parallel: int = 1, seed: int = 1234
 ) -> ParallelLayout:
     """Initialise torch.distributed (through DeepSpeed) and megatron's parallel state.
 
     Idempotent for the process group; megatron's parallel state is (re)built with the requested
-    sizes. On CPU the process-wide shims of :mod:`vqmoe_megatron.compat` are applied.
+    sizes. The process-wide patches of :mod:`vqmoe_megatron.compat` are applied first.
     """
     import deepspeed
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from vqmoe_megatron.compat import apply_cpu_process_shims
+    from vqmoe_megatron.compat import apply_process_patches
 
     map_launcher_environment()
+    apply_process_patches()
     if not dist.is_initialized():
-        _disable_deepspeed_jit_on_cpu()
         deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=True, verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    else:
-        apply_cpu_process_shims()
     world = dist.get_world_size()
     if world % (tensor_parallel * expert_parallel) != 0:
         from vqmoe_megatron.config import ConfigError

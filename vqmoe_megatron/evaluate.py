@@ -160,14 +160,13 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     from vqmoe_megatron.convert.source import load_model, open_source, with_layout
     from vqmoe_megatron.distributed import init_distributed
-    from vqmoe_megatron.moe import metrics
-    from vqmoe_megatron.training.engine import LanguageModel
     from vqmoe_megatron.training.evaluation import (
         all_reduce_sum,
         filler_batch,
         lm_metrics,
         sum_nll,
     )
+    from vqmoe_megatron.training.language_model import LanguageModel
 
     source = open_source(args.checkpoint, args.tokenizer, require_tokenizer=args.text is not None)
     routing = args.routing or source.cfg.moe.routing_mode
@@ -186,8 +185,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     device = next(gpt.parameters()).device
     results = []
     for data, batches, pad_id, bytes_info in scored:
-        metrics.reset()
-        metrics.set_enabled(True)
+        gpt.routing_metrics.reset()
         nll, count = sum_nll(
             LanguageModel(gpt, pad_id),
             batches,
@@ -202,7 +200,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                 "data": [str(p) for p in args.text] if args.text else f"{data}:{args.split}",
                 **lm_metrics(nll, count, num_bytes),
                 "bytes": num_bytes,
-                "layers": metrics.summarize(),
+                "layers": gpt.routing_metrics.summarize(),
             }
         )
     run = {"checkpoint": source.description, "routing": routing, "layout": layout.describe()}

@@ -14,20 +14,18 @@ same seed gives the same model at every TP/EP layout.
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Callable
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from vqmoe_megatron.compat import DeviceSafeRotaryEmbedding, SDPACoreAttention, SPTorchNorm
+from vqmoe_megatron.compat import SDPACoreAttention, SPTorchNorm, use_device_safe_rotary_embedding
 from vqmoe_megatron.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
 from vqmoe_megatron.moe import (
     CodeRestart,
@@ -38,20 +36,9 @@ from vqmoe_megatron.moe import (
     VQMoERouter,
     VQMoETransformerConfig,
 )
+from vqmoe_megatron.moe.metrics import RoutingMetrics, attach
 
 VOCAB_DIVISIBLE_BY = 128
-
-logger = logging.getLogger(__name__)
-
-
-class _UnknownMlpTypeFilter(logging.Filter):
-    """TransformerLayer warns about MoE layer subclasses (it checks the exact class); drop that."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Unknown MLP type" not in record.getMessage()
-
-
-logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_UnknownMlpTypeFilter())
 
 
 def transformer_engine_available() -> bool:
@@ -246,9 +233,9 @@ class VQMoEGPTModel(GPTModel):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        rope = getattr(self, "rotary_pos_emb", None)
-        if type(rope) is RotaryEmbedding:
-            rope.__class__ = DeviceSafeRotaryEmbedding
+        use_device_safe_rotary_embedding(self)
+        self.routing_metrics = attach(self, RoutingMetrics())
+        """The routing statistics of this model's routers, kept apart from any other model's."""
 
     def final_hidden_states(
         self,
@@ -310,7 +297,7 @@ class VQMoEGPTModel(GPTModel):
 
         Dead codes of gradient-learned codebooks are written with ``write_rows(param, rows,
         values)``; under DeepSpeed pass a writer that also updates the optimizer's fp32 master
-        weights (``training.engine``), or ZeRO overwrites the restart at the next step.
+        weights (``training.codebook.write_codebook_rows``), or ZeRO overwrites the restart at the next step.
         Returns the restarts by layer number (for logging).
         """
         restarts = {}

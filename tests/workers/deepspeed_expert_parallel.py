@@ -19,7 +19,8 @@ from vqmoe_megatron.config import ParallelConfig, TrainConfig
 from vqmoe_megatron.distributed import destroy_distributed, init_distributed
 from vqmoe_megatron.model import build_model
 from vqmoe_megatron.parallel_tensors import gather_full_tensors
-from vqmoe_megatron.training.engine import LanguageModel, initialize_engine
+from vqmoe_megatron.training.engine import initialize_engine
+from vqmoe_megatron.training.language_model import LanguageModel
 
 
 def main() -> None:

@@ -97,8 +97,11 @@ class SPTorchNorm:
 class DeviceSafeRotaryEmbedding(RotaryEmbedding):
     """RotaryEmbedding whose tables stay on the device of ``inv_freq``.
 
-    megatron's ``get_emb`` moves ``inv_freq`` to ``torch.cuda.current_device()`` on first use;
-    here the buffer is moved with the module (``model.to(device)``) like any other buffer.
+    megatron-core 0.16.1's ``RotaryEmbedding.get_emb`` (``models/common/embeddings/
+    rotary_pos_embedding.py``) moves a CPU ``inv_freq`` to ``torch.cuda.current_device()`` on
+    first use, which fails without CUDA; here the buffer is moved with the module
+    (``model.to(device)``) like any other buffer. Upstream: NVIDIA/Megatron-LM#6270 (open at the
+    time of writing) makes rotary tables follow module migration.
     """
 
     def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
@@ -110,3 +113,13 @@ class DeviceSafeRotaryEmbedding(RotaryEmbedding):
                 freqs.shape[0], -1
             )
         return emb[:, None, None, :]
+
+
+def use_device_safe_rotary_embedding(model: torch.nn.Module) -> None:
+    """Re-class ``model.rotary_pos_emb`` (if it is megatron's plain RotaryEmbedding) to
+    :class:`DeviceSafeRotaryEmbedding`, in place: ``GPTModel.__init__`` builds the embedding
+    itself (no spec slot), so the class swap after construction is the only hook. The state
+    (``inv_freq`` and the settings) is unchanged."""
+    rope = getattr(model, "rotary_pos_emb", None)
+    if type(rope) is RotaryEmbedding:
+        rope.__class__ = DeviceSafeRotaryEmbedding

@@ -1,16 +1,28 @@
-"""Process-wide patches that let megatron-core run on CPU with gloo.
+"""Process-wide patches that let megatron-core 0.16.1 and DeepSpeed 0.19.8 run on CPU with gloo.
 
 Why patches at all: megatron allocates communication buffers with
 ``torch.empty(..., device=torch.cuda.current_device())`` inside autograd Functions of
 ``tensor_parallel.mappings`` and in DDP/dist-checkpointing helpers; no spec slot reaches them.
-Each patch here asserts that CUDA is absent, and applying them twice is a no-op.
+Each patch here asserts that CUDA is absent, and applying them twice is a no-op. They are applied
+by :func:`vqmoe_megatron.compat.apply_process_patches` (called by ``init_distributed``, before
+DeepSpeed's communication backend starts).
 
-Patches (all CPU-only):
+Patches (all CPU-only; torch 2.13, megatron-core 0.16.1, DeepSpeed 0.19.8):
 1. ``torch.cuda.current_device()`` returns ``torch.device("cpu")`` so those buffers land on CPU.
 2. ``torch.cuda.synchronize()`` is a no-op (dist_checkpointing calls it).
 3. ``mappings._gather_along_first_dim`` gathers uneven splits by padding to the largest split,
    because ``ProcessGroupGloo::allgather`` refuses tensors of different sizes (hit by the
    all-to-all dispatcher when expert-TP > 1).
+4. The class slot ``MoEAlltoAllTokenDispatcher.cuda_dtoh_stream`` holds a placeholder:
+   ``MoEAlltoAllTokenDispatcher.__init__`` (``transformer/moe/token_dispatcher.py``) creates a
+   ``torch.cuda.Stream()`` when the slot is empty, and ``MoELayer.__init__`` builds that stock
+   dispatcher before ``PortableMoELayer`` can swap in ``moe.dispatcher``'s CPU-capable one (which
+   never touches the stream off CUDA). Upstream: NVIDIA/Megatron-LM#6270 (open at the time of
+   writing) skips the MoE stream construction on hosts without CUDA.
+5. DeepSpeed's op table says ``deepspeed_shm_comm`` is incompatible: ``TorchBackend.__init__``
+   (``comm/torch.py``, ``build_shm_op``) JIT-compiles that shared-memory op (~50 s of g++) when
+   the probe finds a compiler, and only ``inference_all_reduce`` ever uses it. Upstream: no
+   switch to skip it (deepspeedai/DeepSpeed#7625 asks for a way to bypass the SHM op).
 """
 
 from __future__ import annotations
@@ -22,6 +34,12 @@ import torch
 import torch.distributed as dist
 
 _APPLIED = False
+SHM_COMM_OP = "deepspeed_shm_comm"
+"""DeepSpeed's name for the shared-memory communication op (``ShareMemCommBuilder.NAME``)."""
+
+
+class NoCudaStream:
+    """Placeholder for megatron's CUDA side stream in a process without CUDA (never used)."""
 
 
 def _refuse_on_cuda(what: str) -> None:
@@ -64,9 +82,14 @@ def apply_cpu_process_shims() -> None:
     if _APPLIED:
         return
     _refuse_on_cuda("cpu process shims")
+    import deepspeed.ops
     from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
     mappings._gather_along_first_dim = _gather_uneven_first_dim
+    if MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is None:
+        MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = NoCudaStream()
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
     _APPLIED = True

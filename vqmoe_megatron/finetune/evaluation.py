@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from torch import nn
 
 from vqmoe_megatron.finetune.classifier import predictions
 from vqmoe_megatron.finetune.features import EncodedSplit, collate, eval_batches
@@ -28,7 +28,7 @@ PROGRESS_SECONDS = 30.0
 
 @torch.no_grad()
 def predict(
-    model: Any,
+    model: nn.Module,
     split: EncodedSplit,
     *,
     micro_batch_size: int,
@@ -49,25 +49,24 @@ def predict(
     kept_indices, kept_values = [], []
     started = last_report = time.time()
     model.eval()
-    metrics.set_enabled(False)
     try:
-        for number, (indices, keep) in enumerate(batches, start=1):
-            batch = collate(split, indices, pad_id, multiple_of).to(device)
-            values = predictions(model(batch.input_ids, batch.lengths), regression)
-            if keep:
-                kept_indices.append(indices)
-                kept_values.append(values.double().cpu().numpy())
-            now = time.time()
-            if now - last_report >= PROGRESS_SECONDS and number < len(batches):
-                rate = number / (now - started)
-                log(
-                    f"evaluating {split.name}: batch {number}/{len(batches)}, "
-                    f"{rate * micro_batch_size * dp_size:.0f} examples/s, "
-                    f"ETA {format_duration((len(batches) - number) / rate)}"
-                )
-                last_report = now
+        with metrics.paused(model):
+            for number, (indices, keep) in enumerate(batches, start=1):
+                batch = collate(split, indices, pad_id, multiple_of).to(device)
+                values = predictions(model(batch.input_ids, batch.lengths), regression)
+                if keep:
+                    kept_indices.append(indices)
+                    kept_values.append(values.double().cpu().numpy())
+                now = time.time()
+                if now - last_report >= PROGRESS_SECONDS and number < len(batches):
+                    rate = number / (now - started)
+                    log(
+                        f"evaluating {split.name}: batch {number}/{len(batches)}, "
+                        f"{rate * micro_batch_size * dp_size:.0f} examples/s, "
+                        f"ETA {format_duration((len(batches) - number) / rate)}"
+                    )
+                    last_report = now
     finally:
-        metrics.set_enabled(True)
         model.train()
     local = (
         np.concatenate(kept_indices) if kept_indices else np.zeros(0, dtype=np.int64),

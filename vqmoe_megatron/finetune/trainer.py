@@ -49,7 +49,6 @@ from vqmoe_megatron.glue import (
     write_submission,
 )
 from vqmoe_megatron.model import VQMoEGPTModel, build_model
-from vqmoe_megatron.moe import metrics
 from vqmoe_megatron.training.checkpoint import (
     ALLOW_TOKENIZER_CHANGE,
     CheckpointManager,
@@ -316,7 +315,7 @@ class GlueFinetuner(LoopControl):
             values["accuracy"] = correct / max(count, 1.0)
         routing = {
             f"layer{layer}/{name}": value
-            for layer, stats in metrics.summarize().items()
+            for layer, stats in self.gpt.routing_metrics.summarize().items()
             for name, value in stats.items()
         }
         headline = {

@@ -4,7 +4,7 @@
 ``dispatcher`` (portable all-to-all) -> experts (``experts``: grouped GEMMs on
 ``grouped_gemm``, or megatron's) -> ``layer`` (fused dispatch/combine);
 ``expert_input`` builds what the discrete path's expert sees (and the stacked streams);
-``metrics`` collects per-layer routing statistics; ``transformer_config`` carries the settings.
+``metrics`` collects per-layer routing statistics (one collector per model); ``transformer_config`` carries the settings.
 """
 
 from vqmoe_megatron.moe.experts import GroupedGemmExperts

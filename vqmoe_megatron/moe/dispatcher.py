@@ -1,10 +1,11 @@
 """megatron-core's all-to-all token dispatcher, portable and fit for variable rows per token.
 
-Two changes to ``MoEAlltoAllTokenDispatcher`` (0.16.1), nothing else:
+Three changes to ``MoEAlltoAllTokenDispatcher`` (0.16.1), nothing else:
 
-* It runs without CUDA: the base class creates a ``torch.cuda.Stream`` for its device-to-host
-  copies in ``__init__`` and uses it in ``_maybe_dtoh_and_synchronize``; on CPU there is nothing
-  to copy, so the split sizes are simply turned into host arrays.
+* It runs without CUDA: the base class uses a CUDA side stream in
+  ``_maybe_dtoh_and_synchronize`` for its device-to-host copies; on CPU there is nothing to
+  copy, so the split sizes are simply turned into host arrays. (The base ``__init__`` creates
+  that stream; on CPU ``compat.shims`` fills its class slot with a placeholder first.)
 * It knows how many rows a fused VQMoE routing map holds. The base class assumes
   ``tokens * topk`` rows when dropless, which is what its permutation kernels are told
   (``num_out_tokens``); a VQMoE map has ``T * (k + 1)`` rows (stacked streams) or a data-dependent
@@ -27,20 +28,6 @@ COUNT_ROWS = -1
 """``num_routed_rows`` value meaning: count the routing map (costs one device sync on GPU)."""
 
 
-class _NoStream:
-    """Placeholder for the CUDA side stream on a process without CUDA (never used there)."""
-
-
-def allow_alltoall_dispatcher_without_cuda() -> None:
-    """Let ``MoEAlltoAllTokenDispatcher.__init__`` run on a process without CUDA.
-
-    The base ``__init__`` creates a CUDA stream when the class slot ``cuda_dtoh_stream`` is
-    empty; this fills the slot with a placeholder. It is the one class attribute we touch.
-    """
-    if not torch.cuda.is_available() and MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is None:
-        MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NoStream()
-
-
 def _as_numpy(value: Union[torch.Tensor, np.ndarray, None]) -> Optional[np.ndarray]:
     """Split sizes as the host arrays the base class produces after its D2H copy."""
     if isinstance(value, torch.Tensor):
@@ -52,7 +39,6 @@ class PortableAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """All-to-all dispatcher usable on CPU/gloo and with VQMoE's fused routing maps."""
 
     def __init__(self, *args, **kwargs) -> None:
-        allow_alltoall_dispatcher_without_cuda()
         super().__init__(*args, **kwargs)
         self.num_routed_rows: Optional[int] = None
         """Rows of the next routing map: None (megatron's tokens*topk), an int, or COUNT_ROWS."""

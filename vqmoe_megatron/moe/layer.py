@@ -20,11 +20,7 @@ from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
 
-from vqmoe_megatron.moe.dispatcher import (
-    COUNT_ROWS,
-    PortableAlltoAllTokenDispatcher,
-    allow_alltoall_dispatcher_without_cuda,
-)
+from vqmoe_megatron.moe.dispatcher import COUNT_ROWS, PortableAlltoAllTokenDispatcher
 from vqmoe_megatron.moe.experts import GroupedGemmExperts
 from vqmoe_megatron.moe.router import VQMoERouter
 from vqmoe_megatron.moe.transformer_config import VQMoETransformerConfig
@@ -72,7 +68,6 @@ class PortableMoELayer(MoELayer):
     ) -> None:
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
-        allow_alltoall_dispatcher_without_cuda()  # MoELayer.__init__ builds the stock one first
         # MoE parameters are re-drawn by reset_parameters(); forking keeps the global RNG stream
         # (and so the dense layers built after this one) independent of the expert layout.
         with torch.random.fork_rng(devices=[]):

@@ -1,9 +1,15 @@
-"""Per-layer routing metrics, accumulated on device between log steps.
+"""Per-layer routing metrics of one model, accumulated on device between log steps.
 
-Routers call :func:`record` with small tensors (sums and counts) during the forward pass; nothing
-is copied to the host there. :func:`summarize` all-reduces the sums over the ranks that route
-different tokens (the whole world when pipeline parallelism is 1 and sequence parallelism is on
-whenever TP > 1), derives the reported statistics and clears the accumulators.
+A :class:`RoutingMetrics` collector belongs to one model: every router builds one, and
+``VQMoEGPTModel`` replaces them with one collector of its own (:func:`attach`), so two models in
+one process (a comparison, a teacher) never mix their numbers; a layer built on its own keeps
+its router's. Recording is on by default; :meth:`RoutingMetrics.paused` (or :func:`paused` on any
+module holding routers, e.g. a DeepSpeed engine) switches it off for evaluation. Routers call
+:meth:`RoutingMetrics.record` with small tensors (sums and counts) during the forward pass;
+nothing is copied to the host there. :meth:`RoutingMetrics.summarize` all-reduces the sums over
+the ranks that route different tokens (the whole world when pipeline parallelism is 1 and
+sequence parallelism is on whenever TP > 1), derives the reported statistics and clears the
+sums.
 
 Reported per layer (keys of the returned dicts):
 - ``tokens``: routed tokens; ``rows_per_token``: expert rows per token (1 discrete, ~2 pretrain);
@@ -21,41 +27,89 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-_SUMS: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
-_ENABLED = True
-
-
-def set_enabled(enabled: bool) -> None:
-    """Turn recording on or off (off: :func:`record` is a no-op)."""
-    global _ENABLED
-    _ENABLED = enabled
+LayerStats = dict[str, Union[float, list[float]]]
 
 
-def enabled() -> bool:
-    """Whether metrics are being recorded (routers skip their bookkeeping otherwise)."""
-    return _ENABLED
+class RoutingMetrics:
+    """Running per-layer sums of one model's routers; ``enabled`` False makes recording a no-op."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self._sums: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+
+    def record(self, layer: Optional[int], name: str, value: torch.Tensor) -> None:
+        """Add ``value`` (a detached scalar or vector) to the layer's running sum ``name``."""
+        if not self.enabled or layer is None:
+            return
+        value = value.detach().to(torch.float64)
+        sums = self._sums[layer]
+        if name in sums:
+            sums[name] += value
+        else:
+            sums[name] = value.clone()
+
+    def reset(self) -> None:
+        """Drop every accumulated sum."""
+        self._sums.clear()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record nothing inside the block (evaluation, filler batches); restores the old state."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    def summarize(self, group: Optional[dist.ProcessGroup] = None) -> dict[int, LayerStats]:
+        """Reduce the sums over ``group`` (default: world), derive the metrics, clear the sums.
+
+        Every rank must call this at the same time (it is a collective when distributed).
+        """
+        layers = sorted(self._sums)
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            for layer in layers:
+                for name in sorted(self._sums[layer]):
+                    dist.all_reduce(self._sums[layer][name], group=group)
+        out = {layer: _layer_stats(self._sums[layer]) for layer in layers}
+        self.reset()
+        return out
 
 
-def record(layer: Optional[int], name: str, value: torch.Tensor) -> None:
-    """Add ``value`` (a detached scalar or vector) to the layer's running sum ``name``."""
-    if not _ENABLED or layer is None:
-        return
-    value = value.detach().to(torch.float64)
-    sums = _SUMS[layer]
-    if name in sums:
-        sums[name] += value
-    else:
-        sums[name] = value.clone()
+def attach(module: nn.Module, collector: RoutingMetrics) -> RoutingMetrics:
+    """Make every router inside ``module`` (and ``module`` itself, if it holds a collector)
+    record into ``collector``; returns it."""
+    for child in module.modules():
+        if isinstance(getattr(child, "routing_metrics", None), RoutingMetrics):
+            child.routing_metrics = collector
+    return collector
 
 
-def reset() -> None:
-    """Drop every accumulated sum."""
-    _SUMS.clear()
+def collectors(module: nn.Module) -> list[RoutingMetrics]:
+    """The distinct collectors the routers inside ``module`` record into (model order)."""
+    found: dict[int, RoutingMetrics] = {}
+    for child in module.modules():
+        collector = getattr(child, "routing_metrics", None)
+        if isinstance(collector, RoutingMetrics):
+            found.setdefault(id(collector), collector)
+    return list(found.values())
+
+
+@contextmanager
+def paused(module: nn.Module) -> Iterator[None]:
+    """Pause every collector inside ``module`` (a model, a DeepSpeed engine, a task head)."""
+    with ExitStack() as stack:
+        for collector in collectors(module):
+            stack.enter_context(collector.paused())
+        yield
 
 
 def _entropy(counts: torch.Tensor) -> float:
@@ -67,42 +121,28 @@ def _entropy(counts: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-def summarize(
-    group: Optional[dist.ProcessGroup] = None,
-) -> dict[int, dict[str, Union[float, list[float]]]]:
-    """Reduce the sums over ``group`` (default: world), derive the metrics, clear the sums.
-
-    Every rank must call this at the same time (it is a collective when distributed).
-    """
-    layers = sorted(_SUMS)
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        for layer in layers:
-            for name in sorted(_SUMS[layer]):
-                dist.all_reduce(_SUMS[layer][name], group=group)
-    out: dict[int, dict[str, Union[float, list[float]]]] = {}
-    for layer in layers:
-        s = {k: v.cpu() for k, v in _SUMS[layer].items()}
-        tokens = float(s.get("tokens", torch.tensor(0.0)))
-        stats: dict[str, Union[float, list[float]]] = {"tokens": tokens}
-        if "expert_rows" in s:
-            rows = s["expert_rows"]
-            stats["rows_per_token"] = float(rows.sum()) / max(tokens, 1.0)
-            mean = float(rows.mean())
-            stats["imbalance"] = float(rows.max()) / mean if mean > 0 else 0.0
-            stats["expert_load"] = (rows / rows.sum().clamp(min=1)).tolist()
-        if "code_counts" in s:
-            counts = s["code_counts"]
-            stats["code_perplexity"] = math.exp(_entropy(counts))
-            stats["dead_codes"] = float((counts == 0).sum())
-        for name, key in (
-            ("router_entropy", "router_entropy_sum"),
-            ("agreement", "agreement_sum"),
-            ("gate_discrete", "gate_discrete_sum"),
-        ):
-            if key in s and tokens > 0:
-                stats[name] = float(s[key]) / tokens
-        if "vq_loss_sum" in s:
-            stats["vq_loss"] = float(s["vq_loss_sum"]) / max(float(s["micro_batches"]), 1.0)
-        out[layer] = stats
-    reset()
-    return out
+def _layer_stats(sums: dict[str, torch.Tensor]) -> LayerStats:
+    """The reported statistics of one layer's (reduced) sums."""
+    s = {k: v.cpu() for k, v in sums.items()}
+    tokens = float(s.get("tokens", torch.tensor(0.0)))
+    stats: LayerStats = {"tokens": tokens}
+    if "expert_rows" in s:
+        rows = s["expert_rows"]
+        stats["rows_per_token"] = float(rows.sum()) / max(tokens, 1.0)
+        mean = float(rows.mean())
+        stats["imbalance"] = float(rows.max()) / mean if mean > 0 else 0.0
+        stats["expert_load"] = (rows / rows.sum().clamp(min=1)).tolist()
+    if "code_counts" in s:
+        counts = s["code_counts"]
+        stats["code_perplexity"] = math.exp(_entropy(counts))
+        stats["dead_codes"] = float((counts == 0).sum())
+    for name, key in (
+        ("router_entropy", "router_entropy_sum"),
+        ("agreement", "agreement_sum"),
+        ("gate_discrete", "gate_discrete_sum"),
+    ):
+        if key in s and tokens > 0:
+            stats[name] = float(s[key]) / tokens
+    if "vq_loss_sum" in s:
+        stats["vq_loss"] = float(s["vq_loss_sum"]) / max(float(s["micro_batches"]), 1.0)
+    return stats

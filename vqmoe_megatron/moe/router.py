@@ -28,8 +28,8 @@ from megatron.core.transformer.moe.moe_utils import ProcessGroupCollection
 from megatron.core.transformer.moe.router import TopKRouter
 from torch import nn
 
-from vqmoe_megatron.moe import metrics
 from vqmoe_megatron.moe.expert_input import expert_input, stacked_streams
+from vqmoe_megatron.moe.metrics import RoutingMetrics
 from vqmoe_megatron.moe.transformer_config import VQMoETransformerConfig
 from vqmoe_megatron.moe.vq import VectorQuantizer
 
@@ -49,13 +49,18 @@ class ContinuousRouter(TopKRouter):
     weight is exactly 1 and the router receives no gradient: the defect METHOD.md describes).
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.routing_metrics = RoutingMetrics()
+        """Where the entropy is recorded; the owning model or VQMoE router replaces it."""
+
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         dtype = _ROUTER_DTYPES.get(self.config.moe_router_dtype, input.dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(input.to(dtype), self.weight.to(dtype), bias)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        if metrics.enabled() and self.layer_number is not None:
+        if self.routing_metrics.enabled and self.layer_number is not None:
             self._record_entropy(logits, padding_mask)
         if self.config.vqmoe_reference_router:
             return self._reference_routing(logits.view(-1, logits.shape[-1]))
@@ -67,7 +72,7 @@ class ContinuousRouter(TopKRouter):
         entropy = -(logp.exp() * logp).sum(dim=-1)
         if padding_mask is not None:
             entropy = entropy[~padding_mask.reshape(-1)]
-        metrics.record(self.layer_number, "router_entropy_sum", entropy.sum())
+        self.routing_metrics.record(self.layer_number, "router_entropy_sum", entropy.sum())
 
     def _reference_routing(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, E] logits -> (probs, routing_map): softmax over the top-k logits only."""
@@ -154,6 +159,8 @@ class VQMoERouter(MegatronModule):
         self.tp_dp_cp_group = pg_collection.tp_dp_cp
         self.tp_cp_group = pg_collection.tp_cp
         self.tp_cp_size = pg_collection.tp_cp.size()
+        self.routing_metrics = RoutingMetrics()
+        """Where this router's statistics go (``moe.metrics``); the owning model replaces it."""
         sp = config.sequence_parallel
         self.quantizer = VectorQuantizer(
             config.hidden_size,
@@ -187,6 +194,7 @@ class VQMoERouter(MegatronModule):
             self.continuous: Optional[ContinuousRouter] = ContinuousRouter(
                 config=config, pg_collection=pg_collection
             )
+            self.continuous.routing_metrics = self.routing_metrics
             self.gate: Optional[MixingGate] = MixingGate(config.hidden_size, sp)
         else:
             self.continuous = None
@@ -278,10 +286,10 @@ class VQMoERouter(MegatronModule):
                 dist.all_reduce(total, group=self.tp_cp_group)
             total = total.clamp(min=1)
         loss = self.quantizer.loss(x, codes, valid, offset, total)
-        if metrics.enabled():
-            metrics.record(self.layer_number, "vq_loss_sum", loss)
+        if self.routing_metrics.enabled:
+            self.routing_metrics.record(self.layer_number, "vq_loss_sum", loss)
             shares = torch.full((), 1.0 / self.tp_cp_size, device=x.device)
-            metrics.record(self.layer_number, "micro_batches", shares)
+            self.routing_metrics.record(self.layer_number, "micro_batches", shares)
         return loss * self.config.vqmoe_loss_coeff
 
     def _fused_scores(self, hidden: torch.Tensor) -> Optional[FusedScores]:
@@ -420,7 +428,8 @@ class VQMoERouter(MegatronModule):
         expert_d: torch.Tensor,
     ) -> None:
         layer = self.layer_number
-        if layer is None or not metrics.enabled():
+        metrics = self.routing_metrics
+        if layer is None or not metrics.enabled:
             return
         tokens = codes.shape[0]
         keep = (

@@ -54,18 +54,18 @@ from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_te
 from torch.distributed.checkpoint.api import CheckpointException
 
 from vqmoe_megatron.compat.checkpoint_io import apply_checkpoint_io_patches
+from vqmoe_megatron.compat.deepspeed_zero import (
+    flat_optimizer_groups,
+    full_fp32_param,
+    optimizer_state_reader,
+    optimizer_steps_taken,
+)
 from vqmoe_megatron.config import PretrainConfig, dump_yaml
 from vqmoe_megatron.training.checkpoint_files import (
     read_json_record,
     record_files,
     recorded_problem,
     structural_problem,
-)
-from vqmoe_megatron.training.engine import (
-    flat_optimizer_groups,
-    full_fp32_param,
-    optimizer_state_reader,
-    optimizer_steps_taken,
 )
 
 READ_ERRORS = (Exception, CheckpointException)

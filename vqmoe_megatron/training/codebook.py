@@ -9,13 +9,16 @@ copy of every parameter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+from torch import nn
 
+from vqmoe_megatron.compat.deepspeed_zero import full_fp32_param, optimizer_state_reader
 from vqmoe_megatron.model import VQMoEGPTModel
 from vqmoe_megatron.moe.layer import derived_generator
-from vqmoe_megatron.training.engine import write_codebook_rows
 from vqmoe_megatron.training.run_logger import RunLogger
 
 
@@ -51,6 +54,28 @@ def initialize_codebooks(gpt: VQMoEGPTModel, tokens: torch.Tensor, seed: int) ->
             handle.remove()
         gpt.train(was_training)
     return len(initialised)
+
+
+def write_codebook_rows(engine: Any) -> Callable[[nn.Parameter, torch.Tensor, torch.Tensor], None]:
+    """Row writer for dead-code restarts under DeepSpeed: updates the module parameter, ZeRO's
+    fp32 master copy, and zeroes the Adam moments of the restarted rows (every DP rank calls it
+    with identical arguments)."""
+
+    def write(param: nn.Parameter, rows: torch.Tensor, values: torch.Tensor) -> None:
+        master = full_fp32_param(param).clone()
+        master[rows.to(master.device)] = values.to(master)
+        safe_set_full_fp32_param(param, master)
+        with torch.no_grad():
+            param.copy_(master.to(param))
+        read_state = optimizer_state_reader(engine)
+        if read_state is None:
+            return
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = read_state(param, key).clone()
+            state[rows.to(state.device)] = 0
+            safe_set_full_optimizer_state(param, state, key)
+
+    return write
 
 
 def maintain_codebooks(

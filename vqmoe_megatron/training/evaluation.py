@@ -1,6 +1,6 @@
 """Language-model evaluation shared by the trainer and ``vqmoe-evaluate``.
 
-:func:`sum_nll` runs a :class:`~vqmoe_megatron.training.engine.LanguageModel` (or the DeepSpeed
+:func:`sum_nll` runs a :class:`~vqmoe_megatron.training.language_model.LanguageModel` (or the DeepSpeed
 engine around it) over batches ``{"tokens": [B, S+1], "loss_mask": [B, S] (optional)}`` and sums
 the negative log-likelihood of the counted targets; :func:`lm_metrics` turns sums into loss
 (nats per token), perplexity and bits per byte (``NLL / ln 2 / bytes``).
@@ -9,11 +9,13 @@ the negative log-likelihood of the counted targets; :func:`lm_metrics` turns sum
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from vqmoe_megatron.moe import metrics
 
@@ -37,7 +39,7 @@ def all_reduce_sum(
 
 @torch.no_grad()
 def sum_nll(
-    model: Callable,
+    model: nn.Module,
     batches: Iterable[dict],
     device: torch.device,
     filler: dict,
@@ -56,17 +58,13 @@ def sum_nll(
         batch = next(stream, None)
         if not _any_rank(batch is not None, device):
             break
-        recording = metrics.enabled()
-        if batch is None:
-            batch = filler
-            metrics.set_enabled(False)
-        try:
+        filling = batch is None
+        batch = filler if filling else batch
+        with metrics.paused(model) if filling else nullcontext():
             mask = batch.get("loss_mask")
             _, batch_nll, batch_count = model(
                 batch["tokens"].to(device), None if mask is None else mask.to(device)
             )
-        finally:
-            metrics.set_enabled(recording)
         nll += float(batch_nll)
         count += float(batch_count)
         index += 1

@@ -50,7 +50,6 @@ from vqmoe_megatron.distributed import (
     launcher_world_size,
 )
 from vqmoe_megatron.model import VQMoEGPTModel, build_model
-from vqmoe_megatron.moe import metrics
 from vqmoe_megatron.training.checkpoint import (
     ALLOW_TOKENIZER_CHANGE,
     CheckpointManager,
@@ -61,9 +60,10 @@ from vqmoe_megatron.training.checkpoint import (
     tokenizer_record,
 )
 from vqmoe_megatron.training.codebook import initialize_codebooks, maintain_codebooks
-from vqmoe_megatron.training.engine import LanguageModel, initialize_engine
+from vqmoe_megatron.training.engine import initialize_engine
 from vqmoe_megatron.training.evaluation import all_reduce_sum, filler_batch, lm_metrics, sum_nll
 from vqmoe_megatron.training.flops import device_peak_tflops, flops_per_token
+from vqmoe_megatron.training.language_model import LanguageModel
 from vqmoe_megatron.training.run_logger import RunLogger, make_output_dir, progress_line
 
 PREEMPTED = "preempted"
@@ -387,7 +387,7 @@ class Pretrainer(LoopControl):
     def _evaluate_split(self, manifest: Manifest, split: SplitInfo) -> dict[str, float]:
         filler = filler_batch(manifest.pad_id, self.cfg.model.seq_length)
         self.engine.eval()
-        metrics.set_enabled(False)
+        self.gpt.routing_metrics.enabled = False
         try:
             nll, count = sum_nll(
                 self.engine,
@@ -397,7 +397,7 @@ class Pretrainer(LoopControl):
                 self.cfg.train.eval_batches,
             )
         finally:
-            metrics.set_enabled(True)
+            self.gpt.routing_metrics.enabled = True
             self.engine.train()
         nll, count = all_reduce_sum(
             [nll, count], self.device, parallel_state.get_data_parallel_group()
@@ -409,7 +409,7 @@ class Pretrainer(LoopControl):
         """Flatten per-layer routing metrics and megatron's aux losses for logging."""
         values: dict[str, float] = {}
         warn = self.cfg.train
-        for layer, stats in metrics.summarize().items():
+        for layer, stats in self.gpt.routing_metrics.summarize().items():
             for name, value in stats.items():
                 values[f"layer{layer}/{name}"] = value
             codes = self.cfg.moe.num_codes or self.cfg.moe.num_experts
