@@ -54,6 +54,7 @@ from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_te
 from torch.distributed.checkpoint.api import CheckpointException
 
 from vqmoe_megatron.compat.checkpoint_io import apply_checkpoint_io_patches
+from vqmoe_megatron.compat.lr_schedule import restore_lambda_schedule
 from vqmoe_megatron.config import PretrainConfig, dump_yaml
 from vqmoe_megatron.training.checkpoint_files import (
     read_json_record,
@@ -452,16 +453,6 @@ def _restore_optimizer(engine: Any, moments: dict[torch.nn.Parameter, dict], ste
         base.state[flat]["step"] = torch.tensor(float(step)) if torch_adam else step
 
 
-def _restore_schedule(scheduler: Any, param_groups: list, steps: int) -> None:
-    """Put a LambdaLR at ``steps`` and set the groups' LR (the group count may differ from the
-    saving run: expert parallelism adds DeepSpeed's MoE groups)."""
-    scheduler.last_epoch = steps
-    lrs = [base * fn(steps) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(param_groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = lrs
-
-
 def _rng_state() -> dict:
     state = {
         "python": random.getstate(),
@@ -623,7 +614,9 @@ class CheckpointManager:
             moments[param] = {name: loaded[f"optimizer.{name}.{key}"] for name in ADAM_KEYS}
         model.load_state_dict(model_state, strict=True)
         _restore_optimizer(engine, moments, state.optimizer_steps)
-        _restore_schedule(engine.lr_scheduler, engine.optimizer.param_groups, state.scheduler_steps)
+        restore_lambda_schedule(
+            engine.lr_scheduler, engine.optimizer.param_groups, state.scheduler_steps
+        )
         engine.global_steps = state.step
         engine.global_samples = state.consumed_samples
         engine.skipped_steps = state.skipped_steps
