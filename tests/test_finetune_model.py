@@ -14,6 +14,7 @@ from moe_helpers import TINY_MODEL, expert_weights, init_single_process, moe_var
 from safetensors.torch import load_file
 
 from vqmoe_megatron.checkpoint.consolidated import write_consolidated
+from vqmoe_megatron.checkpoint.errors import CheckpointError
 from vqmoe_megatron.checkpoint.opened import load_pretrained, open_checkpoint
 from vqmoe_megatron.config import FinetuneConfig, FinetuneSettings, ParallelConfig, PretrainConfig
 from vqmoe_megatron.finetune.classifier import SequenceClassifier, task_loss
@@ -222,6 +223,9 @@ def test_a_fine_tuned_run_loads_its_backbone_and_a_new_task_gets_a_fresh_head(pr
     assert "with the MNLI head it was fine-tuned with" in load_pretrained_weights(mnli, same_task)
     for name, value in _state(mnli).items():
         torch.testing.assert_close(value, _state(source)[name], msg=name)
+    backbone = PretrainConfig(model=TINY_MODEL, moe=cfg.moe)
+    with pytest.raises(CheckpointError, match="written by pretraining: it has no task head"):
+        open_checkpoint(pretrained[0]).load_weights(mnli, backbone, with_head=True)
 
 
 @pytest.mark.distributed

@@ -112,6 +112,8 @@ class Checkpoint:
         ``model`` is the GPT (a fine-tuning run's head is then not read), or with ``with_head``
         a module laid out as the fine-tuning run's (GPT and ``head``).
         """
+        if with_head and self.task is None:
+            raise CheckpointError(f"{self.path} was written by pretraining: it has no task head")
         prefix = "" if with_head else self.prefix
         if self.kind == TRAINING:
             load_model_weights(model, self.path, cfg, prefix)
