@@ -38,7 +38,11 @@ FLAGS = {
         "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli",
     ),
     "--data_dir": ("finetune.data_dir", str, "GLUE data folder holding <TASK>/*.tsv"),
-    "--pretrained": ("finetune.pretrained", str, "pretraining checkpoint or consolidated dir"),
+    "--pretrained": (
+        "finetune.pretrained",
+        str,
+        "pretraining or fine-tuning run, step or consolidated dir (a run's best/)",
+    ),
     "--output_dir": ("train.output_dir", str, "run directory (runs/glue/<TASK>); resumes"),
     "--deepspeed_config": ("train.deepspeed_config", str, "DeepSpeed JSON overriding ours"),
     "--tokenizer": ("finetune.tokenizer", str, "sentencepiece model (default: the checkpoint's)"),

@@ -16,13 +16,10 @@ import torch
 from convert_helpers import assert_one_error_line, cli, convert, shards
 from pretrain_helpers import pretrain
 
+from vqmoe_megatron.checkpoint.errors import CheckpointError
+from vqmoe_megatron.checkpoint.opened import pretrained_config
+from vqmoe_megatron.checkpoint.training import checkpoint_problem, read_rank_state
 from vqmoe_megatron.compat.checkpoint_io import apply_checkpoint_io_patches
-from vqmoe_megatron.convert.consolidated import pretrained_config
-from vqmoe_megatron.training.checkpoint import (
-    CheckpointError,
-    checkpoint_problem,
-    read_rank_state,
-)
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from convert_helpers import assert_one_error_line, convert, other_tokenizer, run_of
 
+from vqmoe_megatron.checkpoint.training import CheckpointError, find_latest
 from vqmoe_megatron.config import PretrainConfig
 from vqmoe_megatron.convert.hf import check_exportable
 from vqmoe_megatron.convert.source import with_layout
-from vqmoe_megatron.training.checkpoint import CheckpointError, find_latest
 
 pytestmark = pytest.mark.slow
 

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from convert_helpers import assert_one_error_line, convert, other_tokenizer, run_of
 from data_helpers import FIXTURE
 from dist_utils import torchrun
@@ -20,12 +21,17 @@ from finetune_helpers import (
     glue_copy,
     sentence_task,
 )
+from moe_helpers import init_single_process
 from pretrain_helpers import records, run_and_signal_one_rank
 from safetensors.torch import load_file
 
+from vqmoe_megatron.checkpoint.opened import open_checkpoint
+from vqmoe_megatron.checkpoint.training import find_latest
+from vqmoe_megatron.convert.source import with_layout
 from vqmoe_megatron.data.tokenizer_training import TokenizerSettings, train_tokenizer
+from vqmoe_megatron.finetune.classifier import SequenceClassifier
 from vqmoe_megatron.glue import TASKS, read_predictions, read_split
-from vqmoe_megatron.training.checkpoint import find_latest
+from vqmoe_megatron.model import build_model
 
 pytestmark = pytest.mark.slow
 
@@ -168,10 +174,8 @@ def test_bad_glue_files_are_one_clear_error_and_nothing_is_written(pretrained, t
     assert not out.exists()
 
 
-def test_a_tokenizer_or_checkpoint_that_does_not_fit_is_one_clear_error(
-    pretrained, sst2_run, tmp_path
-):
-    data, sst2_out = sst2_run
+def test_a_tokenizer_or_checkpoint_that_does_not_fit_is_one_clear_error(pretrained, tmp_path):
+    data = glue_copy(tmp_path / "glue")
     out = tmp_path / "never"
     smaller = other_tokenizer(tmp_path)
     proc = finetune("sst2", data, pretrained, out, "--tokenizer", str(smaller), check=False)
@@ -193,8 +197,6 @@ def test_a_tokenizer_or_checkpoint_that_does_not_fit_is_one_clear_error(
     assert_one_error_line(proc, "model.hidden_size: checkpoint 64, given 96", str(pretrained))
     proc = finetune("sst2", data, tmp_path / "missing", out, check=False)
     assert_one_error_line(proc, f"{tmp_path / 'missing'} does not exist")
-    proc = finetune("sst2", data, sst2_out, out, check=False)
-    assert_one_error_line(proc, f"{sst2_out} was written by a fine-tuning run (task SST-2)")
 
     consolidated = tmp_path / "consolidated"
     convert("consolidated", pretrained, consolidated)
@@ -212,6 +214,39 @@ def test_a_tokenizer_or_checkpoint_that_does_not_fit_is_one_clear_error(
         "96, 64) expected",
     )
     assert not (out / "checkpoints").exists() and not (out / "results.json").exists()
+
+
+def test_a_fine_tuned_run_is_the_pretrained_model_of_another_task(sst2_run, tmp_path):
+    """Intermediate-task fine-tuning: RTE from the SST-2 run directory (its newest training
+    checkpoint: backbone and codebooks, a new head), SST-2 again from the run's best/ model (its
+    head too)."""
+    data, sst2_out = sst2_run
+    rte = tmp_path / "rte"
+    proc = finetune("rte", data, sst2_out, rte, "--steps", "2", "--micro_batch_size", "2")
+    assert "fine-tuned on SST-2 (2 labels, last pooling)" in proc.stdout
+    assert "its head is dropped and a new RTE head (2 labels, last pooling)" in proc.stdout
+    assert _results(rte)["task"] == "RTE" and _results(rte)["settings"]["routing"] == "discrete"
+    again = tmp_path / "sst2"
+    proc = finetune(
+        "sst2", data, sst2_out / "best", again, "--steps", "1", "--micro_batch_size", "2"
+    )
+    assert "with the SST-2 head it was fine-tuned with" in proc.stdout
+
+    init_single_process()
+    opened = open_checkpoint(sst2_out)
+    assert opened.path == find_latest(sst2_out / "checkpoints")
+    assert (opened.kind, opened.task.task, opened.routing_mode) == ("training", "SST-2", "discrete")
+    cfg = with_layout(opened.cfg, 1, 1)
+    saved = SequenceClassifier(
+        build_model(cfg.model, cfg.moe, cfg.parallel, seed=5), 2, "last", 0, 5
+    )
+    opened.load_weights(saved, cfg, with_head=True)  # the whole model, as a resume loads it
+    trunk = build_model(cfg.model, cfg.moe, cfg.parallel, seed=6)
+    opened.load_weights(trunk, cfg)
+    expected = saved.gpt.state_dict()
+    for name, value in trunk.state_dict().items():
+        if not name.endswith("_extra_state"):
+            torch.testing.assert_close(value, expected[name], msg=name)
 
 
 def test_a_run_directory_of_another_task_is_refused_and_left_alone(pretrained, sst2_run, tmp_path):

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from finetune.glue import parse_args
-from vqmoe_megatron.config import ConfigError, ModelConfig, MoEConfig, PretrainConfig, dump_yaml
+from vqmoe_megatron.config import (
+    ConfigError,
+    FinetuneConfig,
+    FinetuneSettings,
+    ModelConfig,
+    MoEConfig,
+    PretrainConfig,
+    dump_yaml,
+)
 from vqmoe_megatron.deepspeed_config import deepspeed_config
 from vqmoe_megatron.finetune.pretrained import load_finetune_config
 from vqmoe_megatron.glue import GlueDataError
@@ -73,6 +81,24 @@ def test_routing_codebook_and_vq_loss_settings_are_written_into_moe(tmp_path):
     )
     assert cfg.moe.routing_mode == "pretrain" and cfg.moe.train_codebook_in_discrete
     assert not cfg.moe.vq_loss_in_discrete and cfg.moe.vq_loss_coeff == 0.0
+
+
+def test_a_fine_tuning_run_as_pretrained_carries_its_routing_settings_over(tmp_path):
+    """Intermediate-task fine-tuning starts from the first run's ``moe`` section as written: its
+    routing mode bounds the new run's, and a VQ loss it switched off is not silently kept off."""
+    path = tmp_path / "mnli" / "best"
+    moe = MoEConfig(num_experts=4, routing_mode="discrete", vq_loss_coeff=0.0)
+    written = FinetuneConfig(finetune=FinetuneSettings(task="MNLI"), model=MODEL, moe=moe)
+    dump_yaml(written, path / "config.yaml")
+    (path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="fine-tuned without the VQ loss .* --no_vq_loss"):
+        _load(path)
+    cfg = _load(path, "finetune.vq_loss=false")
+    assert cfg.finetune.task == "RTE" and cfg.model == MODEL
+    assert cfg.moe.routing_mode == "discrete" and cfg.moe.vq_loss_coeff == 0.0
+    assert _load(path, "moe.vq_loss_coeff=0.25").moe.vq_loss_coeff == 0.25
+    with pytest.raises(ConfigError, match="pretrained in discrete mode and has neither"):
+        _load(path, "finetune.vq_loss=false", "finetune.routing=pretrain")
 
 
 @pytest.mark.parametrize(

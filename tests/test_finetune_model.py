@@ -3,15 +3,22 @@ token), what is trained and what is frozen, pooling and padding, the checkpointa
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 from dist_utils import torchrun
 from finetune_batch import classifier_batch, tiny_classifier
 from moe_helpers import TINY_MODEL, expert_weights, init_single_process, moe_variant
+from safetensors.torch import load_file
 
-from vqmoe_megatron.config import ParallelConfig, PretrainConfig
-from vqmoe_megatron.convert.consolidated import load_pretrained, write_consolidated
+from vqmoe_megatron.checkpoint.consolidated import write_consolidated
+from vqmoe_megatron.checkpoint.errors import CheckpointError
+from vqmoe_megatron.checkpoint.opened import load_pretrained, open_checkpoint
+from vqmoe_megatron.config import FinetuneConfig, FinetuneSettings, ParallelConfig, PretrainConfig
 from vqmoe_megatron.finetune.classifier import SequenceClassifier, task_loss
+from vqmoe_megatron.finetune.pretrained import load_pretrained_weights
 from vqmoe_megatron.finetune.trainer import freeze_unused
 from vqmoe_megatron.model import build_model
 from vqmoe_megatron.parallel_tensors import gather_full_tensors
@@ -161,6 +168,59 @@ def test_the_checkpointable_state_is_the_gpt_plus_a_replicated_head(pretrained):
     assert "gpt.embedding.word_embeddings.weight" in state
     params = {n for n, _ in model.named_parameters()}
     assert params <= set(state)
+
+
+def _fine_tuned(pretrained, tmp_path) -> tuple[SequenceClassifier, FinetuneConfig]:
+    """An MNLI classifier (3 labels, trunk and head moved off their initial values) written as a
+    fine-tuning run's best/ directory, and the config of an RTE run that starts from it."""
+    source = _classifier(pretrained, "discrete")
+    with torch.no_grad():
+        for param in source.parameters():
+            param.add_(0.01)
+    moe = moe_variant(routing_mode="discrete")
+    written = FinetuneConfig(
+        finetune=FinetuneSettings(task="MNLI", pooling="last"), model=TINY_MODEL, moe=moe
+    )
+    best = write_consolidated(source, written, tmp_path / "mnli" / "best")
+    settings = FinetuneSettings(task="RTE", pretrained=str(best), pooling="last")
+    return source, FinetuneConfig(finetune=settings, model=TINY_MODEL, moe=moe)
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def test_a_fine_tuned_run_loads_its_backbone_and_a_new_task_gets_a_fresh_head(pretrained, tmp_path):
+    source, cfg = _fine_tuned(pretrained, tmp_path)
+    best = Path(cfg.finetune.pretrained)
+    opened = open_checkpoint(best)
+    assert (opened.kind, opened.task.task, opened.routing_mode) == (
+        "consolidated",
+        "MNLI",
+        "discrete",
+    )
+    saved = load_file(str(best / "model.safetensors"))
+    assert {k for k in saved if not k.startswith("gpt.")} == {"head.weight", "head.bias"}
+
+    rte = SequenceClassifier(_gpt("discrete", seed=98), 2, "last", dropout=0.0, seed=4)
+    fresh_head = {k: v.clone() for k, v in rte.head.state_dict().items()}
+    line = load_pretrained_weights(rte, cfg)
+    assert "fine-tuned on MNLI (3 labels, last pooling)" in line
+    assert "its head is dropped and a new RTE head (2 labels, last pooling) is initialised" in line
+    trunk = _state(source.gpt)
+    for name, value in _state(rte.gpt).items():
+        torch.testing.assert_close(value, trunk[name], msg=name)
+    for name, value in rte.head.state_dict().items():
+        torch.testing.assert_close(value, fresh_head[name], msg=name)
+
+    same_task = replace(cfg, finetune=replace(cfg.finetune, task="MNLI"))
+    mnli = SequenceClassifier(_gpt("discrete", seed=97), 3, "last", dropout=0.0, seed=4)
+    assert "with the MNLI head it was fine-tuned with" in load_pretrained_weights(mnli, same_task)
+    for name, value in _state(mnli).items():
+        torch.testing.assert_close(value, _state(source)[name], msg=name)
+    backbone = PretrainConfig(model=TINY_MODEL, moe=cfg.moe)
+    with pytest.raises(CheckpointError, match="written by pretraining: it has no task head"):
+        open_checkpoint(pretrained[0]).load_weights(mnli, backbone, with_head=True)
 
 
 @pytest.mark.distributed

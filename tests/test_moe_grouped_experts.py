@@ -21,18 +21,18 @@ from moe_helpers import (
     moe_variant,
 )
 
-from vqmoe_megatron.config import ConfigError, ParallelConfig, PretrainConfig
-from vqmoe_megatron.convert.consolidated import full_state_dict, load_full_tensors
-from vqmoe_megatron.model import build_model, expert_backend
-from vqmoe_megatron.moe import GroupedGemmExperts
-from vqmoe_megatron.moe.grouped_gemm import expert_offsets, grouped_linear
-from vqmoe_megatron.training.checkpoint import (
+from vqmoe_megatron.checkpoint.consolidated import full_state_dict, load_full_tensors
+from vqmoe_megatron.checkpoint.training import (
     STATE_FILE,
     TrainerState,
     _sharded_state,
     load_model_weights,
     model_signature,
 )
+from vqmoe_megatron.config import ConfigError, ParallelConfig, PretrainConfig
+from vqmoe_megatron.model import build_model, expert_backend
+from vqmoe_megatron.moe import GroupedGemmExperts
+from vqmoe_megatron.moe.grouped_gemm import expert_offsets, grouped_linear
 
 # (rows per expert, in features K, out features N): empty experts, one busy expert, no rows at
 # all, and widths that are not 16-byte multiples (padded for the kernel).

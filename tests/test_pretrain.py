@@ -30,11 +30,11 @@ from pretrain_helpers import (
     run_and_signal_one_rank,
 )
 
+from vqmoe_megatron.checkpoint.training import CheckpointError, find_latest
 from vqmoe_megatron.convert.source import open_source
 from vqmoe_megatron.data import load_manifest
 from vqmoe_megatron.data.sharding import build_shards
 from vqmoe_megatron.data.tokenizer_training import TokenizerSettings, train_tokenizer
-from vqmoe_megatron.training.checkpoint import CheckpointError, find_latest
 
 pytestmark = pytest.mark.slow
 

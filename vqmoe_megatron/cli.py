@@ -113,10 +113,10 @@ def run_pretraining(
 
 def _train(build: Callable[[], Any]) -> int:
     """Build a trainer, run it, close it; a user's mistake ends in one ``error:`` line."""
+    from vqmoe_megatron.checkpoint.errors import CheckpointError
     from vqmoe_megatron.data import DataError
     from vqmoe_megatron.distributed import destroy_distributed, launcher_rank
     from vqmoe_megatron.glue import GlueDataError
-    from vqmoe_megatron.training.checkpoint import CheckpointError
     from vqmoe_megatron.training.trainer import TrainingAborted
 
     trainer = None

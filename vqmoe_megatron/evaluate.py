@@ -238,10 +238,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return fail("--tensor-parallel and --expert-parallel must be at least 1")
     if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):
         return fail(f"--json {args.json}: give a file in an existing directory")
+    from vqmoe_megatron.checkpoint.errors import CheckpointError
     from vqmoe_megatron.config import ConfigError
     from vqmoe_megatron.data import DataError
     from vqmoe_megatron.distributed import destroy_distributed
-    from vqmoe_megatron.training.checkpoint import CheckpointError
 
     try:
         result = evaluate(args)

@@ -15,7 +15,7 @@ named ``ep_size_<EP>``) and only switches its MoE handling on for its own ``MoE`
    ``DeepSpeedEngine._configure_distributed_model`` enables the MoE optimizer groups only when
    ``isinstance(module, MoE)`` holds for some submodule, and then calls each one's
    ``set_deepspeed_parallelism()`` (here: nothing to create). Checkpoints never go through
-   DeepSpeed's MoE checkpoint code (``training.checkpoint`` writes layout-free ones).
+   DeepSpeed's MoE checkpoint code (``checkpoint.training`` writes layout-free ones).
 
 Upstream: no issue filed; the closest report is deepspeedai/Megatron-DeepSpeed#164 ("expert
 parallel group is not initialized" when DeepSpeed's tables lack the name). Applied by

@@ -1,6 +1,6 @@
 """Per-parameter access to DeepSpeed 0.19.8's ZeRO-1/2 (and bf16) optimizer state.
 
-The layout-free checkpoints (``training.checkpoint``) read each parameter's fp32 master value and
+The layout-free checkpoints (``checkpoint.training``) read each parameter's fp32 master value and
 Adam moments and write them back at another layout; dead-code restarts of gradient-learned
 codebooks (``training.codebook``) write rows of them. DeepSpeed's ``safe_get/set_full_*``
 helpers do the per-parameter work (collectives over DP); what lives here depends on DeepSpeed's

@@ -1,21 +1,23 @@
 """Checkpoint conversion: consolidated fp32 weights, HF-format export, layout changes.
 
-The names below are imported on first use, so that ``python -m vqmoe_megatron.convert`` can
-guard Ctrl-C (``interrupt.guard_startup``) before torch and megatron load.
+The names below (from :mod:`vqmoe_megatron.checkpoint`) are imported on first use, so that
+``python -m vqmoe_megatron.convert`` can guard Ctrl-C (``interrupt.guard_startup``) before torch
+and megatron load.
 """
 
 import importlib
 
-__all__ = [
-    "is_consolidated",
-    "load_pretrained",
-    "pretrained_config",
-    "read_consolidated",
-    "write_consolidated",
-]
+_HOMES = {
+    "is_consolidated": "vqmoe_megatron.checkpoint.consolidated",
+    "write_consolidated": "vqmoe_megatron.checkpoint.consolidated",
+    "load_pretrained": "vqmoe_megatron.checkpoint.opened",
+    "pretrained_config": "vqmoe_megatron.checkpoint.opened",
+    "read_consolidated": "vqmoe_megatron.checkpoint.opened",
+}
+__all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        return getattr(importlib.import_module("vqmoe_megatron.convert.consolidated"), name)
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,7 @@ writes its output under a temporary name, renamed only when everything succeeded
 conversion leaves nothing behind. ``OUT/conversion.json`` records what was done and checked.
 
 ``reshard`` needs no tensor rewriting (training checkpoints store global tensors, see
-``training/checkpoint.py``): it loads the checkpoint at the target layout, compares its logits
+``checkpoint/training.py``): it loads the checkpoint at the target layout, compares its logits
 with the same model at TP = EP = 1, checks that every Adam moment a resume needs is present, and
 with ``--output`` writes a run directory (the checkpoint and a config at the target layout)
 from which ``pretrain/pretrain_vqmoe.py --config RUN_DIR/config.yaml`` continues training.
@@ -90,7 +90,7 @@ def _staging(out: Path) -> Path:
     """The temporary sibling of ``out`` written first (rank 0 creates it)."""
     out = Path(out)
     if out.exists():
-        from vqmoe_megatron.training.checkpoint import CheckpointError
+        from vqmoe_megatron.checkpoint.errors import CheckpointError
 
         raise CheckpointError(f"{out} already exists; remove it or choose another output")
     staging = out.parent / f".{out.name}.partial"
@@ -99,7 +99,7 @@ def _staging(out: Path) -> Path:
         try:
             staging.mkdir(parents=True)
         except OSError as exc:
-            from vqmoe_megatron.training.checkpoint import CheckpointError
+            from vqmoe_megatron.checkpoint.errors import CheckpointError
 
             raise CheckpointError(
                 f"cannot create the output {out} ({exc.strerror}: {exc.filename}); choose a "
@@ -113,7 +113,7 @@ def _write_output(out: Path, write: Callable[[Path], dict]) -> dict:
     """Run ``write(staging)`` (collective) and move the finished output to ``out`` with its
     ``conversion.json`` (the record, and the size of every file for the consumers' integrity
     check); on any failure the staging directory is removed."""
-    from vqmoe_megatron.training.checkpoint_files import record_files
+    from vqmoe_megatron.checkpoint.files import record_files
 
     staging = _staging(out)
     try:
@@ -144,7 +144,7 @@ def _verified(diff: Optional[float], probes: torch.Tensor) -> Optional[dict]:
 
 def run_consolidated(args: argparse.Namespace) -> dict:
     """Load at (TP, EP), write the consolidated directory, reload it and compare logits."""
-    from vqmoe_megatron.convert.consolidated import write_consolidated
+    from vqmoe_megatron.checkpoint.consolidated import write_consolidated
     from vqmoe_megatron.convert.source import load_model, open_source, probe_tokens, with_layout
     from vqmoe_megatron.convert.verify import compare_logits, project_logits
     from vqmoe_megatron.distributed import init_distributed
@@ -183,7 +183,7 @@ def run_consolidated(args: argparse.Namespace) -> dict:
 
 def run_hf(args: argparse.Namespace) -> dict:
     """Load the source in one process, write the HF directory, reload it with transformers."""
-    from vqmoe_megatron.convert.consolidated import full_state_dict
+    from vqmoe_megatron.checkpoint.consolidated import full_state_dict
     from vqmoe_megatron.convert.hf import check_exportable, load_hf, write_hf
     from vqmoe_megatron.convert.source import load_model, open_source, probe_tokens, with_layout
     from vqmoe_megatron.convert.verify import compare_logits, project_logits
@@ -221,8 +221,8 @@ def run_hf(args: argparse.Namespace) -> dict:
 
 def _write_run(step_dir: Path, cfg, staging: Path, output: Path) -> None:
     """Copy the checkpoint into ``staging`` as the run directory ``output`` at ``cfg``'s layout."""
+    from vqmoe_megatron.checkpoint.training import LATEST, CheckpointManager
     from vqmoe_megatron.config import dump_yaml
-    from vqmoe_megatron.training.checkpoint import LATEST, CheckpointManager
 
     run_cfg = replace(cfg, train=replace(cfg.train, output_dir=str(output)))
     target = staging / "checkpoints" / step_dir.name
@@ -235,23 +235,20 @@ def _write_run(step_dir: Path, cfg, staging: Path, output: Path) -> None:
 
 def run_reshard(args: argparse.Namespace) -> dict:
     """Logits at TP = EP = 1 vs at the target layout; Adam moments present; optional copy."""
-    from vqmoe_megatron.convert.consolidated import is_consolidated
+    from vqmoe_megatron.checkpoint.errors import CheckpointError
+    from vqmoe_megatron.checkpoint.opened import TRAINING
+    from vqmoe_megatron.checkpoint.training import missing_optimizer_state
     from vqmoe_megatron.convert.source import load_model, open_source, probe_tokens, with_layout
     from vqmoe_megatron.convert.verify import compare_logits, project_logits
     from vqmoe_megatron.distributed import init_distributed
-    from vqmoe_megatron.training.checkpoint import (
-        CheckpointError,
-        missing_optimizer_state,
-        resolve_checkpoint,
-    )
 
-    if is_consolidated(args.checkpoint):
+    source = open_source(args.checkpoint, args.tokenizer)
+    if source.checkpoint.kind != TRAINING:
         raise CheckpointError(
             f"{args.checkpoint} is a consolidated directory (weights only); training resumes "
             "from training checkpoints, which load at any layout as they are"
         )
-    source = open_source(args.checkpoint, args.tokenizer)
-    step_dir = resolve_checkpoint(args.checkpoint)
+    step_dir = source.checkpoint.path
     cfg = with_layout(source.cfg, args.tensor_parallel, args.expert_parallel)
     seed = source.cfg.train.seed
     probes = probe_tokens(source)
@@ -307,11 +304,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``vqmoe-convert``; returns the exit code (2 with one ``error:`` line)."""
     quiet_third_party_warnings()
     args = _parser().parse_args(argv)
+    from vqmoe_megatron.checkpoint.errors import CheckpointError
     from vqmoe_megatron.config import ConfigError
     from vqmoe_megatron.convert.verify import VerificationError
     from vqmoe_megatron.data import DataError
     from vqmoe_megatron.distributed import destroy_distributed
-    from vqmoe_megatron.training.checkpoint import CheckpointError
 
     output = getattr(args, "output", None)
     if output is not None and output.exists():

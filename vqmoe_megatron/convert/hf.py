@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from vqmoe_megatron.checkpoint.errors import CheckpointError
 from vqmoe_megatron.config import PretrainConfig
 from vqmoe_megatron.data import Tokenizer
 from vqmoe_megatron.model import padded_vocab_size
-from vqmoe_megatron.training.checkpoint import CheckpointError
 
 IGNORED_BUFFERS = re.compile(r"\.quantizer\.(window_counts|needs_data_init|ema_count|ema_sum)$")
 """Training-only statistics of the codebook, not part of the function the model computes."""

@@ -1,9 +1,9 @@
 """What every conversion starts from: a checkpoint's config, its tokenizer, and the loaded model.
 
-A source is a training checkpoint (run directory, ``checkpoints/`` or ``checkpoints/step_*``)
-or a consolidated directory. Its tokenizer is, in this order: ``--tokenizer``, the consolidated
-directory's ``tokenizer.model``, or the model of the run's data manifest (``data.data_dir``);
-it must have exactly the model's vocabulary size.
+A source is any path :func:`~vqmoe_megatron.checkpoint.opened.open_checkpoint` takes. Its
+tokenizer is ``--tokenizer``, else the one the checkpoint knows
+(:meth:`~vqmoe_megatron.checkpoint.opened.Checkpoint.tokenizer_model`); it must have exactly the
+model's vocabulary size.
 """
 
 from __future__ import annotations
@@ -14,59 +14,38 @@ from typing import Optional
 
 import torch
 
-from vqmoe_megatron.config import ParallelConfig, PretrainConfig
-from vqmoe_megatron.convert.consolidated import (
-    TOKENIZER,
-    is_consolidated,
-    load_pretrained,
-    pretrained_config,
-    resolve_pretrained,
-)
-from vqmoe_megatron.data import DataError, Tokenizer, load_manifest
-from vqmoe_megatron.model import VQMoEGPTModel, build_model
-from vqmoe_megatron.training.checkpoint import (
+from vqmoe_megatron.checkpoint.errors import CheckpointError
+from vqmoe_megatron.checkpoint.opened import TRAINING, Checkpoint, open_checkpoint
+from vqmoe_megatron.checkpoint.training import (
     ALLOW_TOKENIZER_CHANGE,
-    CheckpointError,
-    CheckpointManager,
     check_tokenizer,
-    resolve_checkpoint,
     tokenizer_record,
 )
+from vqmoe_megatron.config import ParallelConfig, PretrainConfig
+from vqmoe_megatron.data import DataError, Tokenizer
+from vqmoe_megatron.model import VQMoEGPTModel, build_model
 
 ROUTING_MODES = ("pretrain", "discrete")
 
 
 @dataclass
 class Source:
-    """A checkpoint to convert or evaluate: where it is, its run config, its tokenizer."""
+    """A checkpoint to convert or evaluate: where the user said it is, the opened checkpoint
+    (run config, kind, routing facts), its tokenizer."""
 
     path: Path
-    cfg: PretrainConfig
+    checkpoint: Checkpoint
     tokenizer: Optional[Tokenizer]
+
+    @property
+    def cfg(self) -> PretrainConfig:
+        """The backbone's run config."""
+        return self.checkpoint.cfg
 
     @property
     def description(self) -> str:
         """The resolved location (the step directory for training checkpoints)."""
-        return str(resolve_pretrained(self.path))
-
-
-def tokenizer_path(path: Path, cfg: PretrainConfig, explicit: Optional[Path]) -> Optional[Path]:
-    """The tokenizer of checkpoint ``path``: ``explicit``, the consolidated copy, or the run's data
-    manifest's model (of data.data_dir, or the first of data.sources: they share one tokenizer;
-    when that file exists); None when none is known."""
-    if explicit is not None:
-        return Path(explicit)
-    if is_consolidated(path) and (path / TOKENIZER).is_file():
-        return path / TOKENIZER
-    data_dir = cfg.data.data_dir or (cfg.data.sources[0].path if cfg.data.sources else None)
-    if data_dir is None:
-        return None
-    try:
-        manifest = load_manifest(data_dir)
-    except DataError:
-        return None
-    model = Path(manifest.tokenizer_model)
-    return model if model.is_file() else None
+        return str(self.checkpoint.path)
 
 
 def open_source(
@@ -79,17 +58,18 @@ def open_source(
     a tokenizer other than the one a training checkpoint records having been trained with
     (unless ``allow_tokenizer_change``)."""
     path = Path(path)
-    cfg = pretrained_config(path)
+    checkpoint = open_checkpoint(path)
+    cfg = checkpoint.cfg
     if cfg.model.vocab_size is None:
         raise CheckpointError(f"the config of {path} has no model.vocab_size")
-    found = tokenizer_path(path, cfg, tokenizer)
+    found = Path(tokenizer) if tokenizer is not None else checkpoint.tokenizer_model()
     if found is None:
         if require_tokenizer:
             raise CheckpointError(
                 f"cannot find the tokenizer of {path} (its data manifest is gone); pass "
                 "--tokenizer PATH/TO/tokenizer.model"
             )
-        return Source(path, cfg, None)
+        return Source(path, checkpoint, None)
     try:
         tok = Tokenizer(found)
     except DataError as exc:
@@ -100,18 +80,17 @@ def open_source(
             f"{path} was trained with model.vocab_size={cfg.model.vocab_size}; pass the "
             "tokenizer the model was trained with (--tokenizer)"
         )
-    if not is_consolidated(path):
-        step_dir = resolve_checkpoint(path)
-        recorded = CheckpointManager.read_state(step_dir).tokenizer
+    if checkpoint.kind == TRAINING:
+        recorded = checkpoint.tokenizer
         check_tokenizer(
             recorded,
             tokenizer_record(tok.sha256, found.resolve()),
-            step_dir,
+            checkpoint.path,
             allow_tokenizer_change,
             f"Pass --tokenizer {recorded.get('model')} (fine-tuning also takes "
             f"{ALLOW_TOKENIZER_CHANGE} to go on with this one anyway)",
         )
-    return Source(path, cfg, tok)
+    return Source(path, checkpoint, tok)
 
 
 def with_layout(
@@ -144,8 +123,9 @@ def load_model(source: Source, cfg: PretrainConfig, weights: Optional[Path] = No
     source) into it; eval mode, on the GPU when there is one. Collective; a structural mismatch
     is a CheckpointError."""
     gpt: VQMoEGPTModel = build_model(cfg.model, cfg.moe, cfg.parallel, seed=cfg.train.seed)
+    checkpoint = source.checkpoint if weights is None else open_checkpoint(weights)
     try:
-        load_pretrained(gpt, weights or source.path, cfg)
+        checkpoint.load_weights(gpt, cfg)
     except RuntimeError as exc:
         if isinstance(exc, CheckpointError):
             raise

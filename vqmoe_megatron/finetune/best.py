@@ -15,11 +15,15 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
-from vqmoe_megatron.convert.consolidated import WEIGHTS, load_full_tensors, write_consolidated
+from vqmoe_megatron.checkpoint.consolidated import (
+    WEIGHTS,
+    load_full_tensors,
+    read_tensors,
+    write_consolidated,
+)
+from vqmoe_megatron.checkpoint.errors import CheckpointError
 from vqmoe_megatron.data.files import write_json_atomic
-from vqmoe_megatron.training.checkpoint import CheckpointError
 
 RECORD = "best.json"
 
@@ -64,9 +68,4 @@ class BestModel:
 
     def load_into(self, model: torch.nn.Module) -> None:
         """Load the best weights into ``model`` (at its layout)."""
-        path = self.directory / WEIGHTS
-        try:
-            tensors = load_file(str(path))
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
-            raise CheckpointError(f"{path} is damaged or missing ({exc})") from exc
-        load_full_tensors(model, tensors, path)
+        load_full_tensors(model, read_tensors(self.directory), self.directory / WEIGHTS)

@@ -71,7 +71,7 @@ class SequenceClassifier(nn.Module):
 
     def sharded_state_dict(self) -> dict:
         """megatron sharded state dict: the GPT's under ``gpt.``, the replicated head's under
-        ``head.`` (what :class:`~vqmoe_megatron.training.checkpoint.CheckpointManager` saves)."""
+        ``head.`` (what :class:`~vqmoe_megatron.checkpoint.training.CheckpointManager` saves)."""
         state = self.gpt.sharded_state_dict(prefix="gpt.")
         state.update(
             make_sharded_tensors_for_checkpoint(

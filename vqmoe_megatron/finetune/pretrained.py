@@ -1,9 +1,15 @@
-"""Where a fine-tuning run's model comes from: the pretrained checkpoint's config and tokenizer,
-and the run config built on them.
+"""Where a fine-tuning run's model comes from: the pretrained checkpoint's config, tokenizer and
+weights, and the run config built on them.
+
+``finetune.pretrained`` is any path :func:`~vqmoe_megatron.checkpoint.opened.open_checkpoint`
+takes, also a fine-tuning run of another task (intermediate-task fine-tuning, e.g. MNLI then
+RTE): its backbone and codebooks load; its head is kept only for the same task and pooling, else
+the new task's head starts afresh (the log says which).
 
 The run config starts from the checkpoint's ``model`` and ``moe`` sections (the structure must
-be the checkpoint's; non-structural settings such as dropout may be overridden), then the
-optional YAML file, then ``section.key=value`` overrides. ``finetune.routing``,
+be the checkpoint's; non-structural settings such as dropout may be overridden; a fine-tuning
+run's routing settings carry over), then the optional YAML file, then ``section.key=value``
+overrides. ``finetune.routing``,
 ``train_codebook`` and ``vq_loss`` are then written into ``moe`` (routing_mode,
 train_codebook_in_discrete, vq_loss_in_discrete; vq_loss_coeff 0 when the loss is off), so the
 resolved config says what the model was built with.
@@ -16,6 +22,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Union
 
+from vqmoe_megatron.checkpoint.errors import CheckpointError
+from vqmoe_megatron.checkpoint.opened import Checkpoint, open_checkpoint
+from vqmoe_megatron.checkpoint.training import ROUTING_MODE, model_signature, signature_diffs
 from vqmoe_megatron.config import (
     ConfigError,
     FinetuneConfig,
@@ -26,33 +35,55 @@ from vqmoe_megatron.config import (
     read_yaml,
     to_dict,
 )
-from vqmoe_megatron.convert.consolidated import CONFIG, pretrained_config, resolve_pretrained
-from vqmoe_megatron.convert.source import open_source, tokenizer_path
+from vqmoe_megatron.convert.source import open_source
 from vqmoe_megatron.data import Tokenizer
+from vqmoe_megatron.finetune.classifier import SequenceClassifier
 from vqmoe_megatron.glue.tasks import get_task
-from vqmoe_megatron.training.checkpoint import CheckpointError, model_signature
 
 
-def read_pretrained_config(path: Union[str, Path]) -> PretrainConfig:
-    """The pretraining config stored with ``path`` (consolidated directory or training
-    checkpoint); refuses paths that do not exist and fine-tuning outputs."""
+def open_pretrained(path: Union[str, Path]) -> Checkpoint:
+    """The checkpoint at ``path`` (pretraining or fine-tuning run, step or consolidated
+    directory); refuses paths that do not exist."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(
-            f"pretrained checkpoint {path} does not exist; give a pretraining run directory, its "
-            "checkpoints/ or a checkpoints/step_* directory, or a consolidated directory"
+            f"pretrained checkpoint {path} does not exist; give a pretraining or fine-tuning run "
+            "directory, its checkpoints/ or a checkpoints/step_* directory, or a consolidated "
+            "directory (a fine-tuning run's best/ is one)"
         )
-    config_file = resolve_pretrained(path) / CONFIG
-    try:
-        raw = read_yaml(config_file)
-    except ConfigError as exc:
-        raise CheckpointError(f"cannot read {config_file}: {exc}") from exc
-    if "finetune" in raw:
-        raise CheckpointError(
-            f"{path} was written by a fine-tuning run (task {raw['finetune'].get('task')}), not "
-            "by pretraining; pass a pretraining checkpoint or a consolidated one"
-        )
-    return pretrained_config(path)
+    return open_checkpoint(path)
+
+
+def read_pretrained_config(path: Union[str, Path]) -> PretrainConfig:
+    """The backbone's run config stored with ``path`` (see :func:`open_pretrained`)."""
+    return open_pretrained(path).cfg
+
+
+def load_pretrained_weights(model: SequenceClassifier, cfg: FinetuneConfig) -> str:
+    """Load ``finetune.pretrained`` into ``model`` (collective); returns the log line saying what
+    was loaded.
+
+    The backbone always loads. A fine-tuning run's head loads too when that run had this task
+    and pooling; otherwise (another task, or a pretraining checkpoint) ``model``'s head keeps its
+    fresh initialisation.
+    """
+    ft = cfg.finetune
+    checkpoint = open_pretrained(ft.pretrained)
+    backbone = PretrainConfig(model=cfg.model, moe=cfg.moe)
+    source = checkpoint.task
+    line = f"loaded {ft.pretrained} ({ft.routing} routing)"
+    if source is not None and (source.task, source.pooling) == (ft.task, ft.pooling):
+        checkpoint.load_weights(model, backbone, with_head=True)
+        return f"{line} with the {source.task} head it was fine-tuned with"
+    checkpoint.load_weights(model.gpt, backbone)
+    if source is None:
+        return line
+    labels = get_task(source.task).num_labels
+    return (
+        f"{line}: fine-tuned on {source.task} ({labels} labels, {source.pooling} pooling); its "
+        f"backbone and codebooks carry over, its head is dropped and a new {ft.task} head "
+        f"({get_task(ft.task).num_labels} labels, {ft.pooling} pooling) is initialised"
+    )
 
 
 def resolve_tokenizer(
@@ -71,7 +102,7 @@ def resolve_tokenizer(
         require_tokenizer=True,
         allow_tokenizer_change=allow_change,
     )
-    recorded = tokenizer_path(pretrained, source.cfg, None) if explicit else None
+    recorded = source.checkpoint.tokenizer_model() if explicit else None
     if recorded is not None and not allow_change:
         expected = Tokenizer(recorded).sha256
         if source.tokenizer.sha256 != expected:
@@ -101,7 +132,8 @@ def load_finetune_config(
     ):
         if getattr(settings, name) is None:
             raise ConfigError(f"finetune.{name} is not set: pass {flag}")
-    pretrained = read_pretrained_config(settings.pretrained)
+    checkpoint = open_pretrained(settings.pretrained)
+    pretrained = checkpoint.cfg
     base = to_dict(FinetuneConfig())
     base["model"], base["moe"] = to_dict(pretrained.model), to_dict(pretrained.moe)
     cfg = from_dict(FinetuneConfig, merge(base, given), source)
@@ -112,17 +144,12 @@ def load_finetune_config(
         train=replace(cfg.train, output_dir=cfg.train.output_dir or f"runs/glue/{task}"),
     )
     _check_structure(cfg, pretrained, settings.pretrained)
-    return _apply_finetune_settings(cfg, pretrained, settings.pretrained)
+    return _apply_finetune_settings(cfg, checkpoint, settings.pretrained)
 
 
 def _check_structure(cfg: FinetuneConfig, pretrained: PretrainConfig, path: str) -> None:
     ours = model_signature(PretrainConfig(model=cfg.model, moe=cfg.moe))
-    theirs = model_signature(pretrained)
-    diffs = [
-        f"{key}: checkpoint {theirs[key]!r}, given {value!r}"
-        for key, value in ours.items()
-        if value != theirs[key] and key != "moe.routing_mode"
-    ]
+    diffs = signature_diffs(model_signature(pretrained), ours, "given", ignore=(ROUTING_MODE,))
     if diffs:
         raise ConfigError(
             f"the model's structure comes from the pretrained checkpoint {path}; these overrides "
@@ -131,9 +158,15 @@ def _check_structure(cfg: FinetuneConfig, pretrained: PretrainConfig, path: str)
 
 
 def _apply_finetune_settings(
-    cfg: FinetuneConfig, pretrained: PretrainConfig, path: str
+    cfg: FinetuneConfig, checkpoint: Checkpoint, path: str
 ) -> FinetuneConfig:
     ft = cfg.finetune
+    pretrained = checkpoint.cfg
+    if checkpoint.task is not None and ft.vq_loss and cfg.moe.vq_loss_coeff == 0.0:
+        raise ConfigError(
+            f"{path} was fine-tuned without the VQ loss (its moe.vq_loss_coeff is 0): set "
+            "moe.vq_loss_coeff=<the pretraining value> to keep it, or pass --no_vq_loss"
+        )
     if ft.routing == "pretrain" and pretrained.moe.routing_mode == "discrete":
         raise ConfigError(
             f"--routing pretrain keeps the router and gate, but {path} was pretrained in "

@@ -7,7 +7,7 @@ best score (the task's GLUE score on its first dev split) replaces ``<output_dir
 the last step the best model predicts the dev and test splits: ``results.json`` and the GLUE
 submission files under ``<output_dir>/predictions/``.
 
-Checkpoints, resumption and stops are pretraining's (``training.checkpoint``, ``StopRequest``):
+Checkpoints, resumption and stops are pretraining's (``checkpoint.training``, ``StopRequest``):
 a run directory with checkpoints resumes from the newest complete one, at any layout; SIGTERM or
 SIGUSR1 makes every rank save, rank 0 write ``<output_dir>/preempted``, and all exit 0; the normal
 end writes ``<output_dir>/complete``.
@@ -26,9 +26,18 @@ import numpy as np
 import torch
 from megatron.core import parallel_state
 
-from vqmoe_megatron.config import ConfigError, FinetuneConfig, PretrainConfig, dump_yaml
+from vqmoe_megatron.checkpoint.training import (
+    ALLOW_TOKENIZER_CHANGE,
+    CheckpointManager,
+    TrainerState,
+    check_signature,
+    check_tokenizer,
+    current_layout,
+    model_signature,
+    tokenizer_record,
+)
+from vqmoe_megatron.config import ConfigError, FinetuneConfig, dump_yaml
 from vqmoe_megatron.config_checks import check_output_dir, check_settings
-from vqmoe_megatron.convert.consolidated import load_pretrained
 from vqmoe_megatron.data.files import sha256_file, write_json_atomic
 from vqmoe_megatron.distributed import (
     destroy_distributed,
@@ -39,7 +48,7 @@ from vqmoe_megatron.finetune.best import BestModel
 from vqmoe_megatron.finetune.classifier import SequenceClassifier, task_loss
 from vqmoe_megatron.finetune.evaluation import predict
 from vqmoe_megatron.finetune.features import EncodedSplit, TrainSchedule, collate, encode_split
-from vqmoe_megatron.finetune.pretrained import resolve_tokenizer
+from vqmoe_megatron.finetune.pretrained import load_pretrained_weights, resolve_tokenizer
 from vqmoe_megatron.glue import (
     GlueDataError,
     check_task_files,
@@ -49,16 +58,6 @@ from vqmoe_megatron.glue import (
     write_submission,
 )
 from vqmoe_megatron.model import VQMoEGPTModel, build_model
-from vqmoe_megatron.training.checkpoint import (
-    ALLOW_TOKENIZER_CHANGE,
-    CheckpointManager,
-    TrainerState,
-    check_signature,
-    check_tokenizer,
-    current_layout,
-    model_signature,
-    tokenizer_record,
-)
 from vqmoe_megatron.training.codebook import maintain_codebooks
 from vqmoe_megatron.training.engine import initialize_engine
 from vqmoe_megatron.training.evaluation import all_reduce_sum
@@ -158,15 +157,12 @@ class GlueFinetuner(LoopControl):
 
         torch.manual_seed(train.seed)
         self.gpt = build_model(cfg.model, cfg.moe, cfg.parallel, seed=train.seed)
-        if resume is None:
-            load_pretrained(
-                self.gpt, Path(ft.pretrained), PretrainConfig(model=cfg.model, moe=cfg.moe)
-            )
-            self.log.info(f"loaded {ft.pretrained} ({ft.routing} routing)")
         freeze_unused(self.gpt, ft.train_codebook)
         self.model = SequenceClassifier(
             self.gpt, self.task.num_labels, ft.pooling, ft.head_dropout, train.seed
         )
+        if resume is None:
+            self.log.info(load_pretrained_weights(self.model, cfg))
         self.engine = initialize_engine(
             self.model, self.gpt, train, ft.micro_batch_size, "--micro_batch_size"
         )

@@ -31,6 +31,15 @@ from megatron.core.transformer.moe.moe_utils import (
     reduce_aux_losses_tracker_across_ranks,
 )
 
+from vqmoe_megatron.checkpoint.training import (
+    ALLOW_TOKENIZER_CHANGE,
+    CheckpointManager,
+    TrainerState,
+    check_tokenizer,
+    current_layout,
+    model_signature,
+    tokenizer_record,
+)
 from vqmoe_megatron.config import ConfigError, DataConfig, DataSource, PretrainConfig, dump_yaml
 from vqmoe_megatron.config_checks import check_output_dir, check_settings, check_vocabulary
 from vqmoe_megatron.data import (
@@ -50,15 +59,6 @@ from vqmoe_megatron.distributed import (
     launcher_world_size,
 )
 from vqmoe_megatron.model import VQMoEGPTModel, build_model
-from vqmoe_megatron.training.checkpoint import (
-    ALLOW_TOKENIZER_CHANGE,
-    CheckpointManager,
-    TrainerState,
-    check_tokenizer,
-    current_layout,
-    model_signature,
-    tokenizer_record,
-)
 from vqmoe_megatron.training.codebook import initialize_codebooks, maintain_codebooks
 from vqmoe_megatron.training.engine import initialize_engine
 from vqmoe_megatron.training.evaluation import all_reduce_sum, filler_batch, lm_metrics, sum_nll

@@ -25,7 +25,7 @@ mapping DeepSpeed's universal-checkpoint loader uses.
 Crash safety: a save goes to ``step_N.partial/``, is renamed to ``step_N/`` when every rank has
 written, gets ``COMPLETE``, and only then does ``latest`` move. Loading falls back to the newest
 complete checkpoint when ``latest`` points at a missing or incomplete one. A complete checkpoint
-whose files are missing or damaged (see ``checkpoint_files``) is refused naming the file and the
+whose files are missing or damaged (see ``checkpoint.files``) is refused naming the file and the
 newest intact checkpoint of the run; a resume falls back to that one only with
 ``train.resume_fallback=true``.
 
@@ -53,6 +53,13 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 from torch.distributed.checkpoint.api import CheckpointException
 
+from vqmoe_megatron.checkpoint.errors import CheckpointError
+from vqmoe_megatron.checkpoint.files import (
+    read_json_record,
+    record_files,
+    recorded_problem,
+    structural_problem,
+)
 from vqmoe_megatron.compat.checkpoint_io import apply_checkpoint_io_patches
 from vqmoe_megatron.compat.deepspeed_zero import (
     flat_optimizer_groups,
@@ -60,13 +67,8 @@ from vqmoe_megatron.compat.deepspeed_zero import (
     optimizer_state_reader,
     optimizer_steps_taken,
 )
-from vqmoe_megatron.config import PretrainConfig, dump_yaml
-from vqmoe_megatron.training.checkpoint_files import (
-    read_json_record,
-    record_files,
-    recorded_problem,
-    structural_problem,
-)
+from vqmoe_megatron.compat.lr_schedule import restore_lambda_schedule
+from vqmoe_megatron.config import dump_yaml
 
 READ_ERRORS = (Exception, CheckpointException)
 """What reading a damaged checkpoint raises (torch's CheckpointException is a BaseException)."""
@@ -123,10 +125,6 @@ def read_failure(exc: BaseException) -> str:
     return io_failure(exc) + " (a tensor file is missing, truncated or damaged)"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names it and says what to do."""
-
-
 @dataclass
 class TrainerState:
     """Scalars of a training run that a resume needs besides the tensors."""
@@ -160,13 +158,26 @@ def model_signature(cfg: Any) -> dict:
     }
 
 
-def check_signature(saved: dict, current: dict, path: Path, ignore: tuple[str, ...] = ()) -> None:
-    """Refuse to resume a run whose structure differs from the checkpoint's."""
-    diffs = [
-        f"{key}: checkpoint {saved.get(key)!r}, config {value!r}"
+ROUTING_MODE = "moe.routing_mode"
+"""The one structural setting weights load across: a ``discrete`` model simply does not ask for
+the router and gate weights of a ``pretrain`` checkpoint (the reverse fails naming them)."""
+
+
+def signature_diffs(
+    saved: dict, current: dict, given: str = "config", ignore: tuple[str, ...] = ()
+) -> list[str]:
+    """``key: checkpoint X, <given> Y`` for every setting of ``current`` that ``saved`` (both
+    :func:`model_signature`) has otherwise."""
+    return [
+        f"{key}: checkpoint {saved.get(key)!r}, {given} {value!r}"
         for key, value in current.items()
         if key not in ignore and saved.get(key) != value
     ]
+
+
+def check_signature(saved: dict, current: dict, path: Path, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse to resume a run whose structure differs from the checkpoint's."""
+    diffs = signature_diffs(saved, current, ignore=ignore)
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} was written by a different model; refusing to resume. "
@@ -298,30 +309,36 @@ def resolve_checkpoint(path: Path) -> Path:
     )
 
 
-def read_checkpoint_config(step_dir: Path) -> PretrainConfig:
-    """The resolved run config stored with a checkpoint."""
-    from vqmoe_megatron.config import ConfigError, load_config
-
-    try:
-        return load_config(PretrainConfig, Path(step_dir) / "config.yaml")
-    except ConfigError as exc:
-        raise CheckpointError(f"cannot read the config of checkpoint {step_dir}: {exc}") from exc
+def check_backbone(saved: dict, current: dict, path: Path) -> None:
+    """Refuse to load the weights of ``path`` (signature ``saved``) into a model of another
+    structure; the routing mode may differ (:data:`ROUTING_MODE`)."""
+    check_signature(saved, current, path, ignore=(ROUTING_MODE,))
 
 
-def load_model_weights(gpt: torch.nn.Module, step_dir: Path, cfg: PretrainConfig) -> TrainerState:
-    """Load a checkpoint's fp32 weights and buffers into ``gpt`` (any TP/EP layout, no optimizer).
+def routing_hint(saved: dict, current: dict) -> str:
+    """What a failed load of a ``discrete`` checkpoint into a ``pretrain`` model means."""
+    if saved.get(ROUTING_MODE) == "discrete" and current.get(ROUTING_MODE) == "pretrain":
+        return " (the checkpoint was trained in discrete mode: it has no router or gate)"
+    return ""
 
-    ``gpt`` may be in another routing mode than the checkpoint: a ``discrete`` model simply
-    does not ask for the router and gate weights. Collective over all ranks.
+
+def load_model_weights(
+    model: torch.nn.Module, step_dir: Path, cfg: Any, prefix: str = ""
+) -> TrainerState:
+    """Load a checkpoint's fp32 weights and buffers into ``model`` (any TP/EP layout, no
+    optimizer): the GPT, or a module laid out as the saving one (GPT and task head).
+
+    ``prefix``: where the GPT's tensors sit in the checkpoint (``gpt.`` in a fine-tuning run's,
+    beside its head); only they are read. The routing mode may differ (:func:`check_backbone`).
+    Collective over all ranks.
     """
     state = CheckpointManager.read_state(step_dir)
-    check_signature(state.signature, model_signature(cfg), step_dir, ignore=("moe.routing_mode",))
-    template, _ = _sharded_state(gpt, None, for_load=True)
-    hint = ""
-    if state.signature.get("moe.routing_mode") == "discrete" and cfg.moe.routing_mode == "pretrain":
-        hint = " (the checkpoint was trained in discrete mode: it has no router or gate)"
+    current = model_signature(cfg)
+    check_backbone(state.signature, current, step_dir)
+    template, _ = _sharded_state(model, None, for_load=True, prefix=prefix)
+    hint = routing_hint(state.signature, current)
     loaded = _load_tensors(template, Path(step_dir), "the weights", hint)
-    gpt.load_state_dict(loaded, strict=True)
+    model.load_state_dict({key[len(prefix) :]: v for key, v in loaded.items()}, strict=True)
     return state
 
 
@@ -386,7 +403,7 @@ def read_rank_state(file: Path) -> dict:
 
 
 def _sharded_state(
-    model: torch.nn.Module, optimizer_engine: Optional[Any], for_load: bool
+    model: torch.nn.Module, optimizer_engine: Optional[Any], for_load: bool, prefix: str = ""
 ) -> tuple[dict, dict[str, torch.nn.Parameter]]:
     """megatron sharded state dict with fp32 master weights and (optionally) Adam moments,
     plus the parameter behind each parameter entry's key.
@@ -394,7 +411,8 @@ def _sharded_state(
     ``model`` is the GPT or any module with a megatron-style ``sharded_state_dict()`` whose
     entries wrap its parameters (a GPT plus a task head). For saving the tensors are gathered
     over data parallelism (a collective: every rank calls this with the same model); for
-    loading they are empty fp32 templates.
+    loading they are empty fp32 templates. ``prefix`` (a GPT's only) names its entries as a
+    module holding it under that name would.
     """
     params = {id(p): p for p in model.parameters()}
     state = {}
@@ -402,7 +420,8 @@ def _sharded_state(
     read_state = None
     if optimizer_engine is not None and not for_load:
         read_state = optimizer_state_reader(optimizer_engine)
-    for key, sh in model.sharded_state_dict().items():
+    sharded = model.sharded_state_dict(prefix=prefix) if prefix else model.sharded_state_dict()
+    for key, sh in sharded.items():
         param = params.get(id(sh.data)) if isinstance(sh, ShardedTensor) else None
         if param is None:
             state[key] = sh
@@ -450,16 +469,6 @@ def _restore_optimizer(engine: Any, moments: dict[torch.nn.Parameter, dict], ste
             }
         map_to_flat_opt_states(flat, lp_group, base.state, set(ADAM_KEYS))
         base.state[flat]["step"] = torch.tensor(float(step)) if torch_adam else step
-
-
-def _restore_schedule(scheduler: Any, param_groups: list, steps: int) -> None:
-    """Put a LambdaLR at ``steps`` and set the groups' LR (the group count may differ from the
-    saving run: expert parallelism adds DeepSpeed's MoE groups)."""
-    scheduler.last_epoch = steps
-    lrs = [base * fn(steps) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(param_groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = lrs
 
 
 def _rng_state() -> dict:
@@ -623,7 +632,9 @@ class CheckpointManager:
             moments[param] = {name: loaded[f"optimizer.{name}.{key}"] for name in ADAM_KEYS}
         model.load_state_dict(model_state, strict=True)
         _restore_optimizer(engine, moments, state.optimizer_steps)
-        _restore_schedule(engine.lr_scheduler, engine.optimizer.param_groups, state.scheduler_steps)
+        restore_lambda_schedule(
+            engine.lr_scheduler, engine.optimizer.param_groups, state.scheduler_steps
+        )
         engine.global_steps = state.step
         engine.global_samples = state.consumed_samples
         engine.skipped_steps = state.skipped_steps

@@ -10,10 +10,11 @@ Layout of a consolidated directory::
     conversion.json     what vqmoe-convert did, with the size of every other file (checked
                         before the directory is used; older directories lack the sizes)
 
-It loads into a model built at any tensor/expert-parallel layout, and into a ``discrete`` model
-from a ``pretrain`` one (the router and gate weights are dropped, nothing else may be).
-:func:`load_pretrained` accepts such a directory or a training checkpoint (run directory,
-``checkpoints/`` or ``checkpoints/step_*``), so every consumer takes either.
+A fine-tuning run's ``best/`` has the same layout (its tensors under ``gpt.`` and ``head.``, its
+fine-tuning config, ``best.json`` instead of ``conversion.json``). It loads into a model built at
+any tensor/expert-parallel layout, and into a ``discrete`` model from a ``pretrain`` one (the
+router and gate weights are dropped, nothing else may be). :mod:`.opened` tells such a directory
+from a training checkpoint, so every consumer takes either.
 """
 
 from __future__ import annotations
@@ -27,18 +28,10 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vqmoe_megatron.config import ConfigError, PretrainConfig, dump_yaml, load_config
+from vqmoe_megatron.checkpoint.errors import CheckpointError
+from vqmoe_megatron.checkpoint.files import read_json_record, recorded_problem
+from vqmoe_megatron.config import PretrainConfig, dump_yaml
 from vqmoe_megatron.parallel_tensors import gather_full_tensors, is_expert_param, shard_full_tensors
-from vqmoe_megatron.training.checkpoint import (
-    CheckpointError,
-    check_signature,
-    checkpoint_problem,
-    load_model_weights,
-    model_signature,
-    read_checkpoint_config,
-    resolve_checkpoint,
-)
-from vqmoe_megatron.training.checkpoint_files import read_json_record, recorded_problem
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -81,35 +74,6 @@ def consolidated_problem(path: Path) -> Optional[str]:
         if not (path / name).is_file():
             return f"{path / name} is missing"
     return None
-
-
-def resolve_pretrained(path: Path) -> Path:
-    """The intact consolidated directory or training step directory meant by ``path`` (see
-    :func:`~vqmoe_megatron.training.checkpoint.resolve_checkpoint`); a damaged one is refused
-    naming the file and what to use instead."""
-    path = Path(path)
-    kind = conversion_kind(path)
-    if kind == "hf":
-        raise CheckpointError(
-            f"{path} is a Hugging Face export (load it with transformers); give the training "
-            "checkpoint it came from or a consolidated directory"
-        )
-    if not (is_consolidated(path) or (path / WEIGHTS).is_file()):
-        return resolve_checkpoint(path)
-    problem = consolidated_problem(path)
-    if problem:
-        try:
-            source = read_json_record(path / RECORD).get("source")
-        except ValueError:
-            source = None
-        intact = source and (Path(source) / "COMPLETE").is_file() and not checkpoint_problem(source)
-        advice = (
-            f"it was converted from {source}, which is intact: convert that again"
-            if intact
-            else "convert its training checkpoint again"
-        )
-        raise CheckpointError(f"consolidated checkpoint {path} is damaged: {problem}; {advice}")
-    return path
 
 
 def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -158,26 +122,13 @@ def write_consolidated(
     return out_dir
 
 
-def read_consolidated(path: Path) -> tuple[PretrainConfig, dict[str, torch.Tensor]]:
-    """Config and full tensors of a consolidated directory (clear errors when damaged)."""
-    path = Path(path)
-    cfg = pretrained_config(path)
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The full tensors of consolidated directory ``path`` (a clear error when damaged)."""
+    file = Path(path) / WEIGHTS
     try:
-        tensors = load_file(str(path / WEIGHTS))
+        return load_file(str(file))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise CheckpointError(f"{path / WEIGHTS} is damaged or truncated ({exc})") from exc
-    return cfg, tensors
-
-
-def pretrained_config(path: Path) -> PretrainConfig:
-    """The run config of a consolidated directory or training checkpoint."""
-    path = resolve_pretrained(path)
-    if is_consolidated(path):
-        try:
-            return load_config(PretrainConfig, path / CONFIG)
-        except ConfigError as exc:
-            raise CheckpointError(f"{path / CONFIG}: {exc}") from exc
-    return read_checkpoint_config(path)
+        raise CheckpointError(f"{file} is damaged or truncated ({exc})") from exc
 
 
 def load_full_tensors(gpt: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -213,16 +164,3 @@ def load_full_tensors(gpt: torch.nn.Module, tensors: dict[str, torch.Tensor], so
             f"other shapes, e.g. {'; '.join(wrong[:2])}"
         )
     gpt.load_state_dict(local, strict=False)
-
-
-def load_pretrained(gpt: torch.nn.Module, path: Path, cfg: PretrainConfig) -> None:
-    """Load weights from a consolidated directory or a training checkpoint (collective)."""
-    path = resolve_pretrained(path)
-    if is_consolidated(path):
-        saved, tensors = read_consolidated(path)
-        check_signature(
-            model_signature(saved), model_signature(cfg), path, ignore=("moe.routing_mode",)
-        )
-        load_full_tensors(gpt, tensors, path / WEIGHTS)
-    else:
-        load_model_weights(gpt, path, cfg)
