@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from vqmoe_megatron.cli import fail, quiet_third_party_warnings
+from vqmoe_megatron.console import fail, quiet_third_party_warnings
 
 ROUTING_COLUMNS = (
     ("tokens", "tokens", "{:.0f}"),

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from vqmoe_megatron.cli import fail, quiet_third_party_warnings
+from vqmoe_megatron.console import fail, quiet_third_party_warnings
 
 
 def _parser() -> argparse.ArgumentParser:
