@@ -12,7 +12,7 @@ from moe_helpers import TINY_MODEL, expert_weights, init_single_process, moe_var
 from vqmoe_megatron.config import ParallelConfig, PretrainConfig
 from vqmoe_megatron.convert.consolidated import load_pretrained, write_consolidated
 from vqmoe_megatron.finetune.classifier import SequenceClassifier, task_loss
-from vqmoe_megatron.finetune.trainer import freeze_unused
+from vqmoe_megatron.finetune.glue_task import freeze_unused
 from vqmoe_megatron.model import build_model
 from vqmoe_megatron.moe import metrics
 from vqmoe_megatron.parallel_tensors import gather_full_tensors

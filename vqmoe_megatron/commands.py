@@ -11,13 +11,14 @@ the top, and each runner imports what it needs when it is called. A user's mista
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, NoReturn, Optional
 
 from vqmoe_megatron.console import fail, quiet_third_party_warnings
 from vqmoe_megatron.interrupt import guard_startup, run
 
 if TYPE_CHECKING:
     from vqmoe_megatron.config import PretrainConfig
+    from vqmoe_megatron.training.trainer import Trainer
 
 
 def print_dry_run(cfg: PretrainConfig, world_size: Optional[int]) -> int:
@@ -91,22 +92,24 @@ def run_pretraining(
         return fail(str(exc))
     if dry_run:
         return print_dry_run(cfg, world_size)
-    from vqmoe_megatron.training.trainer import Pretrainer
+    from vqmoe_megatron.training.lm_task import LanguageModelTask
+    from vqmoe_megatron.training.trainer import Trainer
 
-    return _train(lambda: Pretrainer(cfg))
+    return _train(lambda: Trainer(LanguageModelTask(cfg)))
 
 
 def run_finetuning(config_path: Optional[str], overrides: Sequence[str]) -> int:
     """Resolve the fine-tuning config against the pretrained checkpoint, then fine-tune;
     returns the exit code."""
     quiet_third_party_warnings()
+    from vqmoe_megatron.finetune.glue_task import GlueTask
     from vqmoe_megatron.finetune.pretrained import load_finetune_config
-    from vqmoe_megatron.finetune.trainer import GlueFinetuner
+    from vqmoe_megatron.training.trainer import Trainer
 
-    return _train(lambda: GlueFinetuner(load_finetune_config(config_path, overrides)))
+    return _train(lambda: Trainer(GlueTask(load_finetune_config(config_path, overrides))))
 
 
-def _train(build: Callable[[], Any]) -> int:
+def _train(build: Callable[[], Trainer]) -> int:
     """Build a trainer, run it, close it; a user's mistake ends in one ``error:`` line."""
     from vqmoe_megatron.config import ConfigError
     from vqmoe_megatron.data import DataError
