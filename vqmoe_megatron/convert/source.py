@@ -33,8 +33,6 @@ from vqmoe_megatron.training.checkpoint import (
     tokenizer_record,
 )
 
-ROUTING_MODES = ("pretrain", "discrete")
-
 
 @dataclass
 class Source:

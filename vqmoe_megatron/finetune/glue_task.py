@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from vqmoe_megatron.config import ConfigError, FinetuneConfig, PretrainConfig
+from vqmoe_megatron.config import ConfigError, FinetuneConfig, PretrainConfig, finetune_schedule
 from vqmoe_megatron.config_checks import check_output_dir, check_settings
 from vqmoe_megatron.convert.consolidated import load_pretrained
 from vqmoe_megatron.data.files import sha256_file, write_json_atomic
@@ -137,9 +137,8 @@ class GlueTask(Task):
             cfg.train.gradient_accumulation_steps,
             cfg.train.seed,
         )
-        steps = ft.steps or ft.epochs * self.schedule.steps_per_epoch
-        train = replace(cfg.train, steps=steps, warmup_steps=round(ft.warmup_fraction * steps))
-        self.cfg = replace(cfg, train=train)
+        steps, warmup = finetune_schedule(ft, self.schedule.steps_per_epoch)
+        self.cfg = replace(cfg, train=replace(cfg.train, steps=steps, warmup_steps=warmup))
 
     def describe(self) -> Optional[str]:
         truncated = sum(split.truncated for split in self.splits.values())

@@ -287,7 +287,7 @@ class Trainer:
         steps, flattened to ``layer<k>/<name>``; warns about dead codes and imbalance."""
         values: dict[str, float] = {}
         train, moe = self.cfg.train, self.cfg.moe
-        codes = moe.num_codes or moe.num_experts
+        codes = moe.codebook_size
         for layer, stats in metrics.summarize().items():
             for name, value in stats.items():
                 values[f"layer{layer}/{name}"] = value
