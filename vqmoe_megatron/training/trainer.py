@@ -11,14 +11,16 @@ it evaluates (``eval/<name>``).
 
 Stops: normal end (final checkpoint, the task's final outputs, ``<output_dir>/complete``);
 SIGTERM or SIGUSR1 (checkpoint, ``<output_dir>/preempted``, exit 0 so that slurm can requeue);
-or too many
+Ctrl-C (checkpoint, exit 130 with a line naming it; a second Ctrl-C aborts at once); or too many
 non-finite losses in a row (abort, the last good checkpoint left in place).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -34,6 +36,7 @@ from megatron.core.transformer.moe.moe_utils import (
 
 from vqmoe_megatron.config import dump_yaml
 from vqmoe_megatron.distributed import destroy_distributed, init_distributed
+from vqmoe_megatron.interrupt import EXIT_INTERRUPTED, INTERRUPTED
 from vqmoe_megatron.moe import metrics
 from vqmoe_megatron.training.checkpoint import (
     ALLOW_TOKENIZER_CHANGE,
@@ -59,15 +62,37 @@ class TrainingAborted(RuntimeError):
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 handler: remembers the signal; the loop agrees on it across ranks."""
+    """The stop signals: SIGTERM / SIGUSR1 (preemption) and the first Ctrl-C (SIGINT) are
+    remembered, and the loop agrees on them across ranks at the next step boundary. A second
+    Ctrl-C, at least ``REPEAT_S`` after the first (launchers such as torchrun forward the
+    terminal's Ctrl-C to the process group that already received it), exits 130 at once."""
+
+    REPEAT_S = 1.0
 
     def __init__(self) -> None:
         self.signal: Optional[int] = None
+        self._interrupted_at: Optional[float] = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self._handle_interrupt)
 
     def _handle(self, signum: int, frame) -> None:
         self.signal = signum
+
+    def _handle_interrupt(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if self._interrupted_at is None:
+            self._interrupted_at = now
+            self.signal = signum
+        elif now - self._interrupted_at >= self.REPEAT_S:
+            os.write(2, f"{INTERRUPTED} again: stopped without saving\n".encode())
+            os._exit(EXIT_INTERRUPTED)
+
+    def release(self) -> None:
+        """Give Ctrl-C back to ``interrupt.run`` (KeyboardInterrupt): nothing left to save."""
+        if signal.getsignal(signal.SIGINT) == self._handle_interrupt:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def agreed(self, device: torch.device) -> Optional[int]:
         """On every rank, as soon as any rank received a signal: its number (the highest if
@@ -167,7 +192,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
         """Train to ``train.steps``, then let the task finish; returns the process exit code
-        (0 also when preempted)."""
+        (0 also when preempted, 130 after Ctrl-C)."""
         train = self.cfg.train
         start = (time.time(), self.state.step)
         window = _Window()
@@ -194,6 +219,7 @@ class Trainer:
             if step % train.save_interval == 0 and step != train.steps and not self.nonfinite_run:
                 self.save()
         self.save()
+        self.stop.release()
         self.task.finish(self.engine, self.state, self.log)
         if self.rank0:
             (self.out / COMPLETE).write_text(f"{self.state.step}\n")
@@ -238,12 +264,21 @@ class Trainer:
 
     def _stop_requested(self, step: int) -> Optional[int]:
         """After step ``step`` (collective): if any rank received a stop signal, checkpoint and
-        return the exit code: 0 (rank 0 writes ``<out>/preempted``, so that slurm requeues the
-        run). None: go on."""
+        return the exit code: 0 after SIGTERM/SIGUSR1 (rank 0 writes ``<out>/preempted``, so
+        that slurm requeues the run), 130 after Ctrl-C. None: go on."""
         stop_signal = self.stop.agreed(self.device)
         if not stop_signal:
             return None
-        self.save()
+        path = self.save()
+        if stop_signal == signal.SIGINT:
+            if self.rank0:
+                print(
+                    f"{INTERRUPTED} at step {step}: saved checkpoint {path}; run the same command "
+                    "again to resume from it",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return EXIT_INTERRUPTED
         if self.rank0:
             (self.out / PREEMPTED).write_text(f"step {step} signal {stop_signal}\n")
         self.log.info(f"stopping at step {step} on a signal; resubmit to continue")
