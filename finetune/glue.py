@@ -28,7 +28,7 @@ from vqmoe_megatron.interrupt import guard_startup, run  # noqa: E402
 if __name__ == "__main__":
     guard_startup()  # Ctrl-C during the imports below: one line, exit 130
 
-from vqmoe_megatron.cli import run_finetuning  # noqa: E402
+from vqmoe_megatron.commands import run_finetuning  # noqa: E402
 
 FLAGS = {
     # flag: (override key, type, help)

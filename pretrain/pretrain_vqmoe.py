@@ -23,7 +23,7 @@ from vqmoe_megatron.interrupt import guard_startup, run  # noqa: E402
 if __name__ == "__main__":
     guard_startup()  # Ctrl-C during the imports below: one line, exit 130
 
-from vqmoe_megatron.cli import run_pretraining  # noqa: E402
+from vqmoe_megatron.commands import run_pretraining  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

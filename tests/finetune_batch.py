@@ -7,7 +7,7 @@ from moe_helpers import TINY_MODEL, moe_variant
 
 from vqmoe_megatron.config import ParallelConfig
 from vqmoe_megatron.finetune.classifier import SequenceClassifier
-from vqmoe_megatron.finetune.trainer import freeze_unused
+from vqmoe_megatron.finetune.glue_task import freeze_unused
 from vqmoe_megatron.model import build_model
 
 

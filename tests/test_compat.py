@@ -24,7 +24,7 @@ def _single_process():
 
 @pytest.fixture()
 def config():
-    return build_transformer_config(TINY_MODEL, moe_variant(), ParallelConfig(), seed=0)
+    return build_transformer_config(TINY_MODEL, moe_variant(), ParallelConfig())
 
 
 def test_sdpa_attention_equals_megatron_dot_product_attention(config):

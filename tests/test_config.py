@@ -69,3 +69,19 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(PretrainConfig, ROOT / "pretrain/configs/base.yaml", ["moe.num_codes=32"])
     dump_yaml(cfg, tmp_path / "config.yaml")
     assert load_config(PretrainConfig, tmp_path / "config.yaml") == cfg
+
+
+def test_the_routing_modes_are_defined_once():
+    """Every list of routing modes is config.ROUTING_MODES (the HF export's self-contained
+    copy included), and both routing settings take their values from it."""
+    import typing
+
+    from vqmoe_megatron import config
+    from vqmoe_megatron.hf import configuration_vqmoe
+    from vqmoe_megatron.moe import transformer_config
+
+    assert config.ROUTING_MODES == ("pretrain", "discrete")
+    assert configuration_vqmoe.ROUTING_MODES == config.ROUTING_MODES
+    assert transformer_config.ROUTING_MODES is config.ROUTING_MODES
+    for cls, name in ((config.MoEConfig, "routing_mode"), (config.FinetuneSettings, "routing")):
+        assert typing.get_type_hints(cls)[name] == config.RoutingMode

@@ -18,7 +18,7 @@ from pretrain_helpers import REPO, env, losses, pretrain, records
 from vqmoe_megatron.config import ConfigError, PretrainConfig, load_config
 from vqmoe_megatron.data import DataError, TokenShardLoader, load_manifest
 from vqmoe_megatron.data.blend import BlendedLoader, BlendSource, next_source
-from vqmoe_megatron.training.trainer import validate_config
+from vqmoe_megatron.training.lm_task import validate_config
 
 WEIGHTS = (0.3, 0.7)
 

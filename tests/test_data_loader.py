@@ -101,9 +101,10 @@ def test_state_counts_batches_handed_out_not_prefetched(many: Path):
     assert sum(state["consumed"]) == 15 and state["batches"] == 3 and state["next_slot"] == 1
 
 
-def test_workers_survive_the_stop_signals_slurm_sends_every_process(many: Path):
-    """SIGTERM/SIGUSR1 reach loader workers too (slurm signals the whole job step): the workers
-    go on serving batches, so the training process can finish its step and save."""
+def test_workers_survive_the_stop_signals_sent_to_every_process(many: Path):
+    """SIGTERM/SIGUSR1 (slurm signals the whole job step) and SIGINT (a terminal's Ctrl-C
+    reaches the whole foreground group) reach loader workers too: the workers go on serving
+    batches, so the training process can finish its step and save."""
     expected = _take(_loader(many, num_workers=2), 20)
     before = {p.pid for p in psutil.Process().children()}
     stream = iter(_loader(many, num_workers=2))
@@ -114,6 +115,7 @@ def test_workers_survive_the_stop_signals_slurm_sends_every_process(many: Path):
         for worker in workers:
             worker.send_signal(signal.SIGTERM)
             worker.send_signal(signal.SIGUSR1)
+            worker.send_signal(signal.SIGINT)
         # 20 batches are more than the workers had prefetched: they must still be serving.
         batches = [first, *(next(stream) for _ in range(19))]
         assert all(w.status() != psutil.STATUS_ZOMBIE for w in workers)

@@ -36,9 +36,12 @@ def _consolidated(tmp_path: Path, **moe) -> Path:
     return path
 
 
+def _required(pretrained: Path) -> list[str]:
+    return ["finetune.task=rte", "finetune.data_dir=data/glue", f"finetune.pretrained={pretrained}"]
+
+
 def _load(pretrained: Path, *overrides: str):
-    base = ["finetune.task=rte", "finetune.data_dir=data/glue", f"finetune.pretrained={pretrained}"]
-    return load_finetune_config(None, [*base, *overrides])
+    return load_finetune_config(None, [*_required(pretrained), *overrides])
 
 
 def test_flags_become_overrides_in_any_order_with_values_kept_as_strings():
@@ -120,6 +123,28 @@ def test_settings_that_cannot_work_are_refused(tmp_path, overrides, moe, message
     with pytest.raises(ConfigError) as err:
         _load(_consolidated(tmp_path, **moe), *overrides)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override,setter",
+    [
+        ("train.steps=10", "finetune.epochs"),
+        ("train.warmup_steps=3", "finetune.warmup_fraction"),
+        ("moe.routing_mode=pretrain", "finetune.routing"),
+        ("moe.train_codebook_in_discrete=true", "finetune.train_codebook"),
+        ("moe.vq_loss_in_discrete=false", "finetune.vq_loss"),
+    ],
+)
+def test_settings_fine_tuning_derives_are_refused_not_replaced(tmp_path, override, setter):
+    pretrained = _consolidated(tmp_path)
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"command line: '{key}' is derived .*{setter}"):
+        _load(pretrained, override)
+    config = tmp_path / "finetune.yaml"
+    section, name = key.split(".")
+    config.write_text(f"{section}:\n  {name}: {override.split('=')[1]}\n")
+    with pytest.raises(ConfigError, match=f"{config}: '{key}' is derived"):
+        load_finetune_config(config, _required(pretrained))
 
 
 def test_missing_paths_and_unknown_tasks_are_refused(tmp_path):

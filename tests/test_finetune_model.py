@@ -18,8 +18,8 @@ from vqmoe_megatron.checkpoint.errors import CheckpointError
 from vqmoe_megatron.checkpoint.opened import load_pretrained, open_checkpoint
 from vqmoe_megatron.config import FinetuneConfig, FinetuneSettings, ParallelConfig, PretrainConfig
 from vqmoe_megatron.finetune.classifier import SequenceClassifier, task_loss
+from vqmoe_megatron.finetune.glue_task import freeze_unused
 from vqmoe_megatron.finetune.pretrained import load_pretrained_weights
-from vqmoe_megatron.finetune.trainer import freeze_unused
 from vqmoe_megatron.model import build_model
 from vqmoe_megatron.parallel_tensors import gather_full_tensors
 

@@ -73,13 +73,13 @@ def test_checker_passes_a_clean_graph(import_graph, tmp_path, monkeypatch):
             "__init__.py": "",
             "compat/__init__.py": "",
             "model.py": "import torch\nfrom vqmoe_megatron.compat import shims  # not a module\n",
-            "cli.py": "from vqmoe_megatron import model\n",
+            "commands.py": "from vqmoe_megatron import model\n",
         },
     )
     monkeypatch.setattr(import_graph, "ALLOWED_UPWARD", {})
     graph = import_graph.ImportGraph.scan(package)
     assert graph.edges == {
         "vqmoe_megatron.model": {"vqmoe_megatron.compat": 2},
-        "vqmoe_megatron.cli": {"vqmoe_megatron.model": 1},
+        "vqmoe_megatron.commands": {"vqmoe_megatron.model": 1},
     }
     assert not import_graph.check(graph)

@@ -2,7 +2,8 @@
 
 The signal goes to the command's whole process group, as a terminal's Ctrl-C does (worker
 processes get it too). Moments: during the imports (seconds: torch, megatron, DeepSpeed) and
-in the middle of the work; an interrupted shard.py run then resumes to the same result.
+in the middle of the work; an interrupted shard.py run then resumes to the same result, and an
+interrupted training run saves its step first, so that the rerun resumes from it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import pytest
 from data_helpers import FIXTURE, tiny_shards, tiny_tokenizer
 from dist_utils import child_env
 from pretrain_helpers import CONFIG, SCRIPT, overrides
+
+from vqmoe_megatron.checkpoint.training import find_latest
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_DELAY_S = 1.0
@@ -119,8 +122,9 @@ def test_ctrl_c_mid_sharding_then_the_rerun_resumes(tmp_path: Path, tmp_path_fac
         assert (tmp_path / "out" / shard.name).read_bytes() == shard.read_bytes()
 
 
-@pytest.mark.slow  # a tiny pretraining run's start-up (~20 s on a busy 2-core box)
-def test_ctrl_c_mid_training(tmp_path: Path, tmp_path_factory):
+@pytest.mark.slow  # a tiny pretraining run's start-up, twice (~60 s on a busy 2-core box)
+def test_ctrl_c_mid_training_saves_and_the_rerun_resumes(tmp_path: Path, tmp_path_factory):
+    """The first Ctrl-C finishes the step, saves it, and exits 130 naming the checkpoint."""
     shards = tiny_shards(tmp_path_factory, "interrupts")
     out = tmp_path / "run"
     proc = _start(
@@ -129,3 +133,28 @@ def test_ctrl_c_mid_training(tmp_path: Path, tmp_path_factory):
     seen = _wait_for(proc, proc.stdout, "step 2/")
     stdout, err = _ctrl_c(proc)
     _assert_interrupted(proc, seen + stdout, err)
+    last = err.strip().splitlines()[-1]
+    step = int(last.split("at step ")[1].split(":")[0])
+    checkpoint = out / "checkpoints" / f"step_{step:08d}"
+    assert step >= 2 and f"saved checkpoint {checkpoint}; run the same command" in last, last
+    assert find_latest(out / "checkpoints") == checkpoint
+    assert not (out / "complete").exists() and not (out / "preempted").exists()
+    rerun = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(CONFIG),
+         *overrides(shards, out, f"train.steps={step + 1}")],
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {checkpoint} at step {step}" in rerun.stdout
+    assert (out / "complete").read_text() == f"{step + 1}\n"
+
+
+def test_a_second_ctrl_c_aborts_at_once_but_a_forwarded_copy_does_not():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "workers" / "ctrl_c.py")],
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == f"after two at once: {int(signal.SIGINT)}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "interrupted again: stopped without saving"

@@ -26,6 +26,14 @@ class ConfigError(ValueError):
     """A configuration value or key that cannot be used; the message says which and why."""
 
 
+RoutingMode = Literal["pretrain", "discrete"]
+"""How VQMoE layers route: 'pretrain' mixes the continuous router's and the nearest code's
+experts by the gate; 'discrete' uses the nearest code only (router and gate dropped). The one
+definition of the values: ``moe.routing_mode``, ``finetune.routing``, the ``--routing`` flags
+and the megatron config (``vqmoe_routing_mode``) all take them from here."""
+ROUTING_MODES: tuple[str, ...] = typing.get_args(RoutingMode)
+
+
 @dataclass
 class ModelConfig:
     """The transformer trunk (megatron-core GPTModel)."""
@@ -76,7 +84,7 @@ class MoEConfig:
     """Every ``layer_freq``-th layer is an MoE layer (1: all layers), counting from the first."""
     router: Literal["vqmoe", "topk"] = "vqmoe"
     """'vqmoe': the two-path VQMoE router; 'topk': megatron-core's TopKRouter (SMoE baseline)."""
-    routing_mode: Literal["pretrain", "discrete"] = "pretrain"
+    routing_mode: RoutingMode = "pretrain"
     """'pretrain': router + VQ paths mixed by the gate; 'discrete': nearest code only."""
     topk: int = 1
     """Experts per token on the continuous (router) path."""
@@ -135,6 +143,11 @@ class MoEConfig:
     """Keep learning the codebook in discrete mode (frozen by default)."""
     vq_loss_in_discrete: bool = True
     """Keep the VQ loss in discrete mode (with a frozen codebook only its commitment term acts)."""
+
+    @property
+    def codebook_size(self) -> int:
+        """K: ``num_codes``, or ``num_experts`` when it is not set."""
+        return self.num_codes or self.num_experts
 
 
 @dataclass
@@ -278,7 +291,7 @@ class FinetuneSettings:
     tokenizer: Optional[str] = None
     """sentencepiece model; None: the consolidated directory's tokenizer.model, else the one in
     the pretraining data's manifest."""
-    routing: Literal["discrete", "pretrain"] = "discrete"
+    routing: RoutingMode = "discrete"
     """'discrete': router and gate dropped, nearest code only (METHOD.md section 3);
     'pretrain': router and gate kept (the ablation)."""
     train_codebook: bool = False
@@ -322,13 +335,46 @@ class FinetuneConfig:
     """Everything a fine-tuning run needs. ``model`` and ``moe`` start from the pretrained
     checkpoint's config; an empty ``train.output_dir`` means ``runs/glue/<task>``;
     ``train.steps`` and ``train.warmup_steps`` are derived from ``finetune`` (epochs or steps,
-    warmup fraction) when the run starts."""
+    warmup fraction) when the run starts, and ``moe.routing_mode``, ``moe.train_codebook_in_discrete``
+    and ``moe.vq_loss_in_discrete`` from ``finetune.routing``, ``train_codebook`` and ``vq_loss``;
+    giving any of these five yourself is refused."""
 
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=_finetune_train_defaults)
+
+
+FINETUNE_DERIVED = {
+    "train.steps": "finetune.epochs (--epochs) or finetune.steps (--steps)",
+    "train.warmup_steps": "finetune.warmup_fraction",
+    "moe.routing_mode": "finetune.routing (--routing)",
+    "moe.train_codebook_in_discrete": "finetune.train_codebook (--train_codebook)",
+    "moe.vq_loss_in_discrete": "finetune.vq_loss (--no_vq_loss)",
+}
+"""Settings a fine-tuning run derives from its ``finetune`` section (key -> what sets it)."""
+
+
+def refuse_derived_settings(given: dict, source: str) -> None:
+    """Refuse fine-tuning settings from ``source`` (``given``: a YAML file's mapping or the
+    command line's overrides) that set a key of :data:`FINETUNE_DERIVED` itself: the run would
+    replace it."""
+    for key, setter in FINETUNE_DERIVED.items():
+        section, name = key.split(".")
+        if name in (given.get(section) or {}):
+            raise ConfigError(
+                f"{source}: '{key}' is derived by fine-tuning from {setter}; set that instead "
+                f"and drop '{key}'"
+            )
+
+
+def finetune_schedule(ft: FinetuneSettings, steps_per_epoch: int) -> tuple[int, int]:
+    """A fine-tuning run's (``train.steps``, ``train.warmup_steps``): ``finetune.steps``, else
+    ``finetune.epochs`` epochs of ``steps_per_epoch``; the warmup ``finetune.warmup_fraction``
+    of them."""
+    steps = ft.steps or ft.epochs * steps_per_epoch
+    return steps, round(ft.warmup_fraction * steps)
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -50,13 +50,21 @@ def attribute_docs(cls: type) -> dict[str, str]:
 
 
 def annotation_text(cls: type) -> dict[str, str]:
-    """Each field's annotation as written in the source (``Literal["fp32", "bf16"]``)."""
+    """Each field's annotation as written in the source (``Literal["fp32", "bf16"]``), with the
+    named value sets of :mod:`config` (``RoutingMode``) spelled out."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     return {
-        node.target.id: ast.unparse(node.annotation)
+        node.target.id: _spelled_out(ast.unparse(node.annotation))
         for node in tree.body[0].body
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
     }
+
+
+def _spelled_out(annotation: str) -> str:
+    alias = getattr(config, annotation, None)
+    if typing.get_origin(alias) is typing.Literal:
+        return f"Literal[{', '.join(repr(value) for value in typing.get_args(alias))}]"
+    return annotation
 
 
 def default_of(field: dataclasses.Field) -> Any:

@@ -35,7 +35,8 @@ from typing import Optional
 
 import torch
 
-from vqmoe_megatron.cli import fail, quiet_third_party_warnings
+from vqmoe_megatron.config import ROUTING_MODES
+from vqmoe_megatron.console import fail, quiet_third_party_warnings
 
 ROUTING_COLUMNS = (
     ("tokens", "tokens", "{:.0f}"),
@@ -98,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--text", type=Path, nargs="+", help="raw UTF-8 text files")
     parser.add_argument("--split", default="valid", help="shard split (default: valid)")
-    parser.add_argument("--routing", choices=("pretrain", "discrete"), default=None)
+    parser.add_argument("--routing", choices=ROUTING_MODES, default=None)
     parser.add_argument("--tokenizer", type=Path, default=None, help="for --text (default: run's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-batches", type=int, default=None, help="per rank")

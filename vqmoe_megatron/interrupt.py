@@ -5,8 +5,9 @@ work, SIGINT ends the process at once (nothing is open yet that needs closing). 
 then lets SIGINT raise KeyboardInterrupt again, so that ``finally`` blocks and context managers
 clean up (loader workers, process groups, staged files), and turns it into the line and 130;
 further Ctrl-Cs are ignored while it exits. A SIGINT that the parent set to be ignored stays
-ignored. Training's own stop signals (SIGTERM, SIGUSR1: checkpoint at the step boundary) are
-separate (``training.trainer.StopRequest``).
+ignored. A training loop takes Ctrl-C over while it runs (``training.trainer.StopRequest``): the
+first one saves a checkpoint at the step boundary and exits 130 naming it, a second one exits 130
+at once; SIGTERM and SIGUSR1 save and exit 0 (preemption).
 
 Standard library only: importing this module must itself be instant.
 """

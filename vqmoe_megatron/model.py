@@ -95,7 +95,6 @@ def build_transformer_config(
     moe: MoEConfig,
     parallel: ParallelConfig,
     *,
-    seed: int,
     recompute: bool = False,
 ) -> VQMoETransformerConfig:
     """megatron TransformerConfig (+ vqmoe_* fields) for this run. Parameters are built in fp32;
@@ -170,7 +169,6 @@ def build_transformer_config(
         vqmoe_dead_code_threshold=moe.dead_code_threshold,
         vqmoe_train_codebook_in_discrete=moe.train_codebook_in_discrete,
         vqmoe_loss_in_discrete=moe.vq_loss_in_discrete,
-        vqmoe_init_seed=seed,
     )
 
 
@@ -343,7 +341,7 @@ def build_mlp_block(
     Used by benchmarks and tests that exercise a single layer.
     """
     check_parallel_state(parallel)
-    config = build_transformer_config(model, moe, parallel, seed=seed)
+    config = build_transformer_config(model, moe, parallel)
     torch.manual_seed(seed)
     spec = _layer_spec(config, moe=moe_layer, use_te=use_transformer_engine(model)).submodules.mlp
     block = build_module(spec, config=config)
@@ -370,7 +368,7 @@ def build_model(
         raise RuntimeError(
             "initialise megatron's parallel state first (vqmoe_megatron.distributed)"
         )
-    config = build_transformer_config(model, moe, parallel, seed=seed, recompute=recompute)
+    config = build_transformer_config(model, moe, parallel, recompute=recompute)
     torch.manual_seed(seed)
     gpt = VQMoEGPTModel(
         config=config,

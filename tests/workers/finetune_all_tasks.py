@@ -4,7 +4,7 @@ CLI minus argument parsing), a few steps each, into OUT/<task>; exits with the f
 import argparse
 import sys
 
-from vqmoe_megatron.cli import run_finetuning
+from vqmoe_megatron.commands import run_finetuning
 from vqmoe_megatron.glue import TASKS
 
 

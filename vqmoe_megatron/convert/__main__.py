@@ -36,7 +36,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from vqmoe_megatron.cli import fail, quiet_third_party_warnings
+from vqmoe_megatron.config import ROUTING_MODES
+from vqmoe_megatron.console import fail, quiet_third_party_warnings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     cons.add_argument("output", type=Path)
     hf = sub.add_parser("hf", parents=[common], help="Hugging Face directory (trust_remote_code)")
     hf.add_argument("output", type=Path)
-    hf.add_argument("--routing", choices=("pretrain", "discrete"), default=None)
+    hf.add_argument("--routing", choices=ROUTING_MODES, default=None)
     reshard = sub.add_parser(
         "reshard",
         parents=[common, layout],

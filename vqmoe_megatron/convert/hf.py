@@ -64,7 +64,7 @@ def hf_config(cfg: PretrainConfig, tokenizer: Tokenizer):
         num_experts=moe.num_experts,
         expert_intermediate_size=moe.expert_ffn_hidden_size,
         moe_layer_freq=moe.layer_freq,
-        num_codes=moe.num_codes or moe.num_experts,
+        num_codes=moe.codebook_size,
         routing_mode=moe.routing_mode,
         router_topk=moe.topk,
         router_pre_softmax=moe.pre_softmax,

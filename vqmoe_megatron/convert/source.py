@@ -25,8 +25,6 @@ from vqmoe_megatron.config import ParallelConfig, PretrainConfig
 from vqmoe_megatron.data import DataError, Tokenizer
 from vqmoe_megatron.model import VQMoEGPTModel, build_model
 
-ROUTING_MODES = ("pretrain", "discrete")
-
 
 @dataclass
 class Source:

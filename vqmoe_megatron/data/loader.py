@@ -44,10 +44,11 @@ _STATE_KEYS = (
 
 def _init_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: die with the training process, and leave the stop signals
-    (SIGTERM, SIGUSR1) to it.
+    (SIGTERM, SIGUSR1, Ctrl-C's SIGINT) to it.
 
-    slurm signals every process of a job step, loader workers included. torch's worker handler
-    dies on a SIGTERM its parent did not send, and the training process's SIGCHLD handler then
+    slurm signals every process of a job step, and a terminal's Ctrl-C every process of the
+    foreground group, loader workers included. torch's worker dies on a SIGTERM its parent did
+    not send (and ends its loop on SIGINT), and the training process's SIGCHLD handler then
     raises "DataLoader worker ... is killed by signal" in the middle of a step instead of letting
     it save. Ignoring them is safe: the training process shuts its workers down itself, and a
     worker is killed when its parent is gone (:func:`~vqmoe_megatron.processes.end_with_parent`).
@@ -55,6 +56,7 @@ def _init_worker(worker_id: int) -> None:
     end_with_parent()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _SlotStream(IterableDataset):

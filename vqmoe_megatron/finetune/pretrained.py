@@ -33,6 +33,7 @@ from vqmoe_megatron.config import (
     merge,
     parse_overrides,
     read_yaml,
+    refuse_derived_settings,
     to_dict,
 )
 from vqmoe_megatron.convert.source import open_source
@@ -124,6 +125,8 @@ def load_finetune_config(
     from_dict(FinetuneConfig, data, source)
     from_dict(FinetuneConfig, updates, "command line")
     given = merge(data, updates)
+    refuse_derived_settings(data, source)
+    refuse_derived_settings(updates, "command line")
     settings = from_dict(FinetuneConfig, {"finetune": given.get("finetune", {})}).finetune
     for name, flag in (
         ("task", "--task"),

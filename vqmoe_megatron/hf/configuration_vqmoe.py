@@ -12,6 +12,10 @@ from typing import Optional
 
 from transformers import PretrainedConfig
 
+ROUTING_MODES = ("pretrain", "discrete")
+"""``vqmoe_megatron.config.ROUTING_MODES``, copied: an export cannot import the project
+(``tests/test_config.py`` checks that the two agree)."""
+
 
 class VQMoEConfig(PretrainedConfig):
     """Architecture and routing settings of a VQMoE causal language model."""
@@ -51,8 +55,8 @@ class VQMoEConfig(PretrainedConfig):
         use_cache: bool = True,
         **kwargs,
     ) -> None:
-        if routing_mode not in ("pretrain", "discrete"):
-            raise ValueError(f"routing_mode must be 'pretrain' or 'discrete', got {routing_mode!r}")
+        if routing_mode not in ROUTING_MODES:
+            raise ValueError(f"routing_mode must be one of {ROUTING_MODES}, got {routing_mode!r}")
         self.vocab_size = vocab_size
         self.tokenizer_vocab_size = tokenizer_vocab_size or vocab_size
         self.hidden_size = hidden_size

@@ -12,7 +12,8 @@ from typing import Optional
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-ROUTING_MODES = ("pretrain", "discrete")
+from vqmoe_megatron.config import ROUTING_MODES
+
 EXPERT_INPUTS = ("paper", "token", "quantized")
 EXPERT_BACKENDS = ("grouped", "sequential", "te")
 
@@ -29,6 +30,7 @@ class VQMoETransformerConfig(TransformerConfig):
     vqmoe_reference_router: bool = False
     """Reference-code router: softmax over the selected logits, no balance loss."""
     vqmoe_routing_mode: str = "pretrain"
+    """``moe.routing_mode`` (one of ``config.ROUTING_MODES``)."""
     vqmoe_num_codes: Optional[int] = None
     vqmoe_distance: str = "l2"
     vqmoe_expert_input: str = "paper"
@@ -45,8 +47,6 @@ class VQMoETransformerConfig(TransformerConfig):
     vqmoe_dead_code_threshold: float = 1e-3
     vqmoe_train_codebook_in_discrete: bool = False
     vqmoe_loss_in_discrete: bool = True
-    vqmoe_init_seed: int = 1234
-    """Seed of the layout-independent initialisation of every MoE parameter."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -63,7 +63,7 @@ def _routing_weights(hidden: int, moe: MoEConfig) -> int:
     if moe.router == "topk" or moe.routing_mode == "pretrain":
         weights += moe.num_experts * hidden
     if moe.router == "vqmoe":
-        weights += (moe.num_codes or moe.num_experts) * hidden
+        weights += moe.codebook_size * hidden
         if moe.routing_mode == "pretrain":
             weights += 2 * hidden
     return weights
