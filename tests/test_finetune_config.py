@@ -76,6 +76,25 @@ def test_routing_codebook_and_vq_loss_settings_are_written_into_moe(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "router,routing,settings",
+    [
+        ("vqmoe", "discrete", {}),
+        ("topk", "pretrain", {}),
+        ("xmoe", "pretrain", {}),
+        ("smoe_dropout", "pretrain", {"smoe_dropout_k_min": 4, "smoe_dropout_k_max": 4}),
+        ("stablemoe", "pretrain", {"stablemoe_stage1_steps": 0}),
+    ],
+)
+def test_default_fine_tune_routing_follows_the_router(tmp_path, router, routing, settings):
+    """No --routing: VQMoE drops its router, every other router is kept in its final routing
+    (SMoE-Dropout at its evaluation k, all 4 experts; StableMoE's distilled router, frozen)."""
+    cfg = _load(_consolidated(tmp_path, router=router))
+    assert cfg.finetune.routing == routing and cfg.moe.routing_mode == routing
+    for key, value in settings.items():
+        assert getattr(cfg.moe, key) == value, key
+
+
+@pytest.mark.parametrize(
     "overrides,moe,message",
     [
         (("model.num_layers=3",), {}, "model.num_layers: checkpoint 2, given 3"),
@@ -85,7 +104,11 @@ def test_routing_codebook_and_vq_loss_settings_are_written_into_moe(tmp_path):
             {"routing_mode": "discrete"},
             "pretrained in discrete mode and has neither",
         ),
-        ((), {"router": "topk"}, "no codebook to route by (moe.router=topk)"),
+        (
+            ("finetune.routing=discrete",),
+            {"router": "topk"},
+            "no codebook to route by (moe.router=topk)",
+        ),
         (("finetune.epochs=two",), {}, "'finetune.epochs': expected an integer"),
         (("finetune.pooling=max",), {}, "'max' is not one of ['last', 'mean']"),
     ],

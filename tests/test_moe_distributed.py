@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_utils import torchrun
-from moe_helpers import build_moe_layer, init_single_process, moe_variant
+from moe_helpers import BASELINE_EP_CASES, build_moe_layer, init_single_process, moe_variant
 
 from vqmoe_megatron.moe import metrics
 from vqmoe_megatron.parallel_tensors import gather_full_tensors, global_tensors
@@ -26,8 +26,11 @@ def _single_process():
     init_single_process()
 
 
-def _reference(moe, x, proj):
+def _reference(moe, x, proj, ids=None, step=1):
     layer = build_moe_layer(moe).double().train()
+    layer.begin_step(step, seed=0)
+    if hasattr(layer.router, "set_token_ids"):
+        layer.router.set_token_ids(ids)
     xr = x.clone().requires_grad_(True)
     y, _ = layer(xr)
     (y * proj).sum().backward()
@@ -71,10 +74,15 @@ def test_expert_parallel_matches_single_process(tmp_path, dispatcher, mode, expe
         topk=2,
         expert_backend=backend,
     )
+    _check_against_single_process(tmp_path, moe)
+
+
+def _check_against_single_process(tmp_path, moe, step: int = 1) -> None:
+    """Both ranks' saved results against EP = 1 runs of ``moe`` on the same tokens."""
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     expert_sum: dict[str, torch.Tensor] = {}
     for result in ranks:
-        y, x_grad, grads = _reference(moe, result["x"], result["proj"])
+        y, x_grad, grads = _reference(moe, result["x"], result["proj"], result["ids"], step)
         torch.testing.assert_close(result["y"], y, **TOL)
         torch.testing.assert_close(result["x_grad"], x_grad, **TOL)
         for name, grad in result["dense"].items():
@@ -86,6 +94,13 @@ def test_expert_parallel_matches_single_process(tmp_path, dispatcher, mode, expe
     assert sorted(owned) == sorted(expert_sum), "each expert lives on exactly one EP rank"
     for name, grad in owned.items():
         torch.testing.assert_close(grad, expert_sum[name], **TOL)
+
+
+def test_baseline_routers_expert_parallel_match_single_process(tmp_path):
+    """EP = 2 equals EP = 1 for every baseline router (``BASELINE_EP_CASES``, one launch)."""
+    torchrun("moe_layer_parallel.py", 2, "--out", str(tmp_path), "--baselines")
+    for index, (moe, step) in enumerate(BASELINE_EP_CASES):
+        _check_against_single_process(tmp_path / str(index), moe, step)
 
 
 @pytest.mark.parametrize(

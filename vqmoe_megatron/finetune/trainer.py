@@ -347,7 +347,7 @@ class GlueFinetuner(LoopControl):
         self.log.info(f"training steps {first}..{train.steps}")
         for step in range(first, train.steps + 1):
             began = time.perf_counter()
-            self.gpt.begin_codebook_step(step, train.seed)
+            self.gpt.begin_step(step, train.seed)
             totals, nonfinite = self._train_step(step)
             self.state.step = step
             maintain_codebooks(self.gpt, self.engine, step, train.seed, self.log, not nonfinite)

@@ -489,7 +489,7 @@ class Pretrainer(LoopControl):
         )
         for step in range(start_step + 1, train.steps + 1):
             began = time.perf_counter()
-            self.gpt.begin_codebook_step(step, train.seed)
+            self.gpt.begin_step(step, train.seed)
             nll, count, nonfinite = self._train_step(batches, step)
             self.state.step = step
             self.state.consumed_samples += self.tokens_per_step // self.cfg.model.seq_length
