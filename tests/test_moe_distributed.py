@@ -11,7 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_utils import torchrun
-from moe_helpers import BASELINE_EP_CASES, build_moe_layer, init_single_process, moe_variant
+from moe_helpers import (
+    BASELINE_EP_CASES,
+    baseline_settings,
+    build_moe_layer,
+    init_single_process,
+    moe_variant,
+)
 
 from vqmoe_megatron.moe import metrics
 from vqmoe_megatron.parallel_tensors import gather_full_tensors, global_tensors
@@ -104,18 +110,21 @@ def test_baseline_routers_expert_parallel_match_single_process(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "dispatcher,backend,activation",
+    "dispatcher,backend,activation,router",
     [
-        ("alltoall", "grouped", "gelu"),
-        ("allgather", "grouped", "gelu"),
-        ("alltoall", "grouped", "swiglu"),
-        ("alltoall", "sequential", "gelu"),
+        ("alltoall", "grouped", "gelu", "vqmoe"),
+        ("allgather", "grouped", "gelu", "vqmoe"),
+        ("alltoall", "grouped", "swiglu", "vqmoe"),
+        ("alltoall", "sequential", "gelu", "vqmoe"),
+        ("alltoall", "grouped", "gelu", "stablemoe"),
     ],
 )
 def test_tensor_parallel_whole_model_matches_single_process(
-    tmp_path, dispatcher, backend, activation
+    tmp_path, dispatcher, backend, activation, router
 ):
-    """TP = 2 with sequence parallelism: same loss and every (gathered) gradient as TP = 1."""
+    """TP = 2 with sequence parallelism: same loss and every (gathered) gradient as TP = 1.
+    StableMoE (stage 1) covers the token-id routers: each TP rank routes its sequence slice
+    with its slice of the ids, and its losses count tokens over the TP group."""
     from dataclasses import replace
 
     from moe_helpers import TINY_MODEL
@@ -134,9 +143,13 @@ def test_tensor_parallel_whole_model_matches_single_process(
         backend,
         "--activation",
         activation,
+        "--router",
+        router,
     )
     result = torch.load(tmp_path / "tp2.pt")
-    moe = moe_variant(token_dispatcher=dispatcher, topk=2, expert_backend=backend)
+    moe = moe_variant(
+        token_dispatcher=dispatcher, topk=2, expert_backend=backend, **baseline_settings(router)
+    )
     model_cfg = replace(TINY_MODEL, activation=activation)
     model = build_model(model_cfg, moe, ParallelConfig(), seed=11).double()
     torch.manual_seed(5)
