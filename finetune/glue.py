@@ -46,7 +46,11 @@ FLAGS = {
     "--output_dir": ("train.output_dir", str, "run directory (runs/glue/<TASK>); resumes"),
     "--deepspeed_config": ("train.deepspeed_config", str, "DeepSpeed JSON overriding ours"),
     "--tokenizer": ("finetune.tokenizer", str, "sentencepiece model (default: the checkpoint's)"),
-    "--routing": ("finetune.routing", str, "discrete (default) or pretrain (keep router + gate)"),
+    "--routing": (
+        "finetune.routing",
+        str,
+        "discrete or pretrain (keep the router); default: discrete for vqmoe, else pretrain",
+    ),
     "--pooling": ("finetune.pooling", str, "last (default: the EOS token) or mean"),
     "--epochs": ("finetune.epochs", int, "training epochs (default 3)"),
     "--steps": ("finetune.steps", int, "optimizer steps instead of epochs"),

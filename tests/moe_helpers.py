@@ -109,7 +109,12 @@ def naive_params(layer) -> NaiveParams:
 
 
 def _ffn(p: NaiveParams, expert: int, x: torch.Tensor) -> torch.Tensor:
-    return p.fc2[expert] @ F.gelu(p.fc1[expert] @ x)
+    return naive_ffn(p.fc1[expert], p.fc2[expert], x)
+
+
+def naive_ffn(fc1: torch.Tensor, fc2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One expert's GELU MLP on one token ``x`` [H]."""
+    return fc2 @ F.gelu(fc1 @ x)
 
 
 def _layer_norm(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -175,17 +180,48 @@ def naive_vqmoe(
     if mode == "discrete" and not moe.vq_loss_in_discrete:
         losses = losses * 0
     if router_scores and moe.aux_loss_coeff > 0:
-        tokens = x.shape[0]
-        counts = torch.zeros(num_experts, dtype=torch.float64)
-        for top in router_top:
-            counts[top] += 1
-        prob_sums = torch.stack(router_scores).sum(dim=0)
-        losses = losses + (prob_sums * counts).sum() * (
-            num_experts * moe.aux_loss_coeff / (moe.topk * tokens * tokens)
-        )
+        losses = losses + switch_balance_loss(router_scores, router_top, num_experts, moe)
     return y, losses
+
+
+def switch_balance_loss(
+    scores: list[torch.Tensor], tops: list[torch.Tensor], num_experts: int, moe: MoEConfig
+) -> torch.Tensor:
+    """megatron's Switch balance loss from per-token softmax scores [E] and top-k ids [k]."""
+    tokens = len(scores)
+    counts = torch.zeros(num_experts, dtype=torch.float64)
+    for top in tops:
+        counts[top] += 1
+    prob_sums = torch.stack(scores).sum(dim=0)
+    return (prob_sums * counts).sum() * (
+        num_experts * moe.aux_loss_coeff / (moe.topk * tokens * tokens)
+    )
+
+
+def baseline_settings(router: str) -> dict:
+    """MoEConfig overrides that make a router's tiny test layer exercise its features: X-MoE's
+    projection to 3 dims, SMoE-Dropout's k ramp 1 -> 4 over 4 steps, StableMoE's stages
+    switching after step 2 with a 5-dim distilled router."""
+    extra = {
+        "xmoe": dict(xmoe_dim=3),
+        "smoe_dropout": dict(smoe_dropout_k_min=1, smoe_dropout_k_max=4, smoe_dropout_ramp_steps=4),
+        "stablemoe": dict(stablemoe_stage1_steps=2, stablemoe_distill_dim=5),
+    }
+    return {"router": router, **extra.get(router, {})}
 
 
 def moe_variant(**overrides) -> MoEConfig:
     """TINY_MOE with overrides."""
     return replace(TINY_MOE, **overrides)
+
+
+BASELINE_EP_CASES = [
+    (moe_variant(topk=2, **baseline_settings("xmoe")), 1),
+    (moe_variant(topk=2, token_dispatcher="allgather", **baseline_settings("hash")), 1),
+    (moe_variant(**baseline_settings("smoe_dropout")), 2),
+    (moe_variant(**baseline_settings("stablemoe")), 2),
+    (moe_variant(token_dispatcher="allgather", **baseline_settings("stablemoe")), 3),
+]
+"""(MoEConfig, training step) of the EP = 2 vs EP = 1 checks of the baseline routers: X-MoE
+top-2, hash top-2 (all-gather), SMoE-Dropout at k = 3 of its 1 -> 4 ramp, StableMoE in stage 1
+(step 2, all-to-all) and stage 2 (step 3, all-gather)."""

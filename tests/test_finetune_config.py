@@ -105,6 +105,25 @@ def test_a_fine_tuning_run_as_pretrained_carries_its_routing_settings_over(tmp_p
 
 
 @pytest.mark.parametrize(
+    "router,routing,settings",
+    [
+        ("vqmoe", "discrete", {}),
+        ("topk", "pretrain", {}),
+        ("xmoe", "pretrain", {}),
+        ("smoe_dropout", "pretrain", {"smoe_dropout_k_min": 4, "smoe_dropout_k_max": 4}),
+        ("stablemoe", "pretrain", {"stablemoe_stage1_steps": 0}),
+    ],
+)
+def test_default_fine_tune_routing_follows_the_router(tmp_path, router, routing, settings):
+    """No --routing: VQMoE drops its router, every other router is kept in its final routing
+    (SMoE-Dropout at its evaluation k, all 4 experts; StableMoE's distilled router, frozen)."""
+    cfg = _load(_consolidated(tmp_path, router=router))
+    assert cfg.finetune.routing == routing and cfg.moe.routing_mode == routing
+    for key, value in settings.items():
+        assert getattr(cfg.moe, key) == value, key
+
+
+@pytest.mark.parametrize(
     "overrides,moe,message",
     [
         (("model.num_layers=3",), {}, "model.num_layers: checkpoint 2, given 3"),
@@ -114,7 +133,11 @@ def test_a_fine_tuning_run_as_pretrained_carries_its_routing_settings_over(tmp_p
             {"routing_mode": "discrete"},
             "pretrained in discrete mode and has neither",
         ),
-        ((), {"router": "topk"}, "no codebook to route by (moe.router=topk)"),
+        (
+            ("finetune.routing=discrete",),
+            {"router": "topk"},
+            "no codebook to route by (moe.router=topk)",
+        ),
         (("finetune.epochs=two",), {}, "'finetune.epochs': expected an integer"),
         (("finetune.pooling=max",), {}, "'max' is not one of ['last', 'mean']"),
     ],

@@ -169,7 +169,7 @@ def test_frozen_codebook_is_neither_restarted_nor_moved(update):
     before = quantizer.codebook.detach().clone()
     torch.manual_seed(0)
     hidden = before[0] + 1e-3 * torch.randn(8, 4, TINY_MODEL.hidden_size)
-    layer.begin_codebook_step(1, seed=0)
+    layer.begin_step(1, seed=0)
     y, _ = layer(hidden.requires_grad_())
     y.sum().backward()
     assert layer.maintain_codebook(step=1, seed=0) is None
@@ -184,7 +184,7 @@ def test_trainable_discrete_codebook_is_still_restarted():
     assert quantizer.trainable
     torch.manual_seed(0)
     hidden = quantizer.codebook.detach()[0] + 1e-3 * torch.randn(8, 4, TINY_MODEL.hidden_size)
-    layer.begin_codebook_step(1, seed=0)
+    layer.begin_step(1, seed=0)
     y, _ = layer(hidden.requires_grad_())
     y.sum().backward()
     restart = layer.maintain_codebook(step=1, seed=0)

@@ -11,7 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_utils import torchrun
-from moe_helpers import build_moe_layer, init_single_process, moe_variant
+from moe_helpers import (
+    BASELINE_EP_CASES,
+    baseline_settings,
+    build_moe_layer,
+    init_single_process,
+    moe_variant,
+)
 
 from vqmoe_megatron.parallel_tensors import gather_full_tensors, global_tensors
 
@@ -25,8 +31,11 @@ def _single_process():
     init_single_process()
 
 
-def _reference(moe, x, proj):
+def _reference(moe, x, proj, ids=None, step=1):
     layer = build_moe_layer(moe).double().train()
+    layer.begin_step(step, seed=0)
+    if hasattr(layer.router, "set_token_ids"):
+        layer.router.set_token_ids(ids)
     xr = x.clone().requires_grad_(True)
     y, _ = layer(xr)
     (y * proj).sum().backward()
@@ -69,10 +78,15 @@ def test_expert_parallel_matches_single_process(tmp_path, dispatcher, mode, expe
         topk=2,
         expert_backend=backend,
     )
+    _check_against_single_process(tmp_path, moe)
+
+
+def _check_against_single_process(tmp_path, moe, step: int = 1) -> None:
+    """Both ranks' saved results against EP = 1 runs of ``moe`` on the same tokens."""
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     expert_sum: dict[str, torch.Tensor] = {}
     for result in ranks:
-        y, x_grad, grads = _reference(moe, result["x"], result["proj"])
+        y, x_grad, grads = _reference(moe, result["x"], result["proj"], result["ids"], step)
         torch.testing.assert_close(result["y"], y, **TOL)
         torch.testing.assert_close(result["x_grad"], x_grad, **TOL)
         for name, grad in result["dense"].items():
@@ -86,19 +100,29 @@ def test_expert_parallel_matches_single_process(tmp_path, dispatcher, mode, expe
         torch.testing.assert_close(grad, expert_sum[name], **TOL)
 
 
+def test_baseline_routers_expert_parallel_match_single_process(tmp_path):
+    """EP = 2 equals EP = 1 for every baseline router (``BASELINE_EP_CASES``, one launch)."""
+    torchrun("moe_layer_parallel.py", 2, "--out", str(tmp_path), "--baselines")
+    for index, (moe, step) in enumerate(BASELINE_EP_CASES):
+        _check_against_single_process(tmp_path / str(index), moe, step)
+
+
 @pytest.mark.parametrize(
-    "dispatcher,backend,activation",
+    "dispatcher,backend,activation,router",
     [
-        ("alltoall", "grouped", "gelu"),
-        ("allgather", "grouped", "gelu"),
-        ("alltoall", "grouped", "swiglu"),
-        ("alltoall", "sequential", "gelu"),
+        ("alltoall", "grouped", "gelu", "vqmoe"),
+        ("allgather", "grouped", "gelu", "vqmoe"),
+        ("alltoall", "grouped", "swiglu", "vqmoe"),
+        ("alltoall", "sequential", "gelu", "vqmoe"),
+        ("alltoall", "grouped", "gelu", "stablemoe"),
     ],
 )
 def test_tensor_parallel_whole_model_matches_single_process(
-    tmp_path, dispatcher, backend, activation
+    tmp_path, dispatcher, backend, activation, router
 ):
-    """TP = 2 with sequence parallelism: same loss and every (gathered) gradient as TP = 1."""
+    """TP = 2 with sequence parallelism: same loss and every (gathered) gradient as TP = 1.
+    StableMoE (stage 1) covers the token-id routers: each TP rank routes its sequence slice
+    with its slice of the ids, and its losses count tokens over the TP group."""
     from dataclasses import replace
 
     from moe_helpers import TINY_MODEL
@@ -117,9 +141,13 @@ def test_tensor_parallel_whole_model_matches_single_process(
         backend,
         "--activation",
         activation,
+        "--router",
+        router,
     )
     result = torch.load(tmp_path / "tp2.pt")
-    moe = moe_variant(token_dispatcher=dispatcher, topk=2, expert_backend=backend)
+    moe = moe_variant(
+        token_dispatcher=dispatcher, topk=2, expert_backend=backend, **baseline_settings(router)
+    )
     model_cfg = replace(TINY_MODEL, activation=activation)
     model = build_model(model_cfg, moe, ParallelConfig(), seed=11).double()
     torch.manual_seed(5)

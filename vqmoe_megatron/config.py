@@ -82,8 +82,14 @@ class MoEConfig:
     """FFN width of each expert."""
     layer_freq: int = 1
     """Every ``layer_freq``-th layer is an MoE layer (1: all layers), counting from the first."""
-    router: Literal["vqmoe", "topk"] = "vqmoe"
-    """'vqmoe': the two-path VQMoE router; 'topk': megatron-core's TopKRouter (SMoE baseline)."""
+    router: Literal[
+        "vqmoe", "topk", "xmoe", "hash", "smoe_dropout", "stablemoe", "dense", "vq_only"
+    ] = "vqmoe"
+    """'vqmoe': the two-path VQMoE router; 'topk': megatron-core's TopKRouter (SMoE); 'xmoe':
+    X-MoE's low-dimensional router; 'hash': a fixed token-id -> expert table; 'smoe_dropout': a
+    frozen random router whose k grows; 'stablemoe': StableMoE's two stages. Presets: 'vq_only'
+    is 'vqmoe' with routing_mode 'discrete' from scratch; 'dense' replaces every MoE layer by a
+    dense FFN of width topk x expert_ffn_hidden_size (top-k's active parameters), num_experts 0."""
     routing_mode: RoutingMode = "pretrain"
     """'pretrain': router + VQ paths mixed by the gate; 'discrete': nearest code only."""
     topk: int = 1
@@ -109,6 +115,30 @@ class MoEConfig:
     """Reproduce the reference code: softmax over the selected logits only and no balance loss."""
     router_dtype: Literal["fp32", "fp64"] = "fp32"
     """Precision of the router, gate and code-distance arithmetic."""
+
+    # Baseline routers (docs/BASELINES.md).
+    xmoe_dim: int = 16
+    """X-MoE: dimension of the bias-free token projection and of the expert embeddings."""
+    xmoe_temperature: Optional[float] = None
+    """X-MoE: None scores ``proj(x) . normalise(e)`` (torchscale's code); a value scores
+    ``cos(proj(x), e) / tau`` with a learnable tau starting at this value (the paper's formula)."""
+    smoe_dropout_k_min: Optional[int] = None
+    """SMoE-Dropout: experts per token at step 0 (None: topk)."""
+    smoe_dropout_k_max: Optional[int] = None
+    """SMoE-Dropout: experts per token at the end of the ramp (None: num_experts)."""
+    smoe_dropout_ramp_steps: int = 1000
+    """SMoE-Dropout: optimizer steps over which k grows linearly (the paper: all of training)."""
+    smoe_dropout_eval_k: Optional[int] = None
+    """SMoE-Dropout: experts per token in evaluation and fine-tuning (None: all experts)."""
+    stablemoe_stage1_steps: int = 1000
+    """StableMoE: optimizer steps of stage 1 (learn to route + distil); later steps route with
+    the distilled router, frozen (the paper: 10% of training)."""
+    stablemoe_distill_dim: int = 50
+    """StableMoE: width of the distilled router's token-id embedding and centroids."""
+    stablemoe_balance_coeff: float = 0.3
+    """StableMoE: weight of its balance loss (stage 1)."""
+    stablemoe_distill_coeff: float = 0.3
+    """StableMoE: weight of the distillation cross-entropy (stage 1)."""
 
     # Discrete (vector-quantized) path.
     num_codes: Optional[int] = None
@@ -148,6 +178,11 @@ class MoEConfig:
     def codebook_size(self) -> int:
         """K: ``num_codes``, or ``num_experts`` when it is not set."""
         return self.num_codes or self.num_experts
+
+    def __post_init__(self) -> None:
+        if self.router == "vq_only":  # a preset: written to config.yaml as what it means
+            self.router = "vqmoe"
+            self.routing_mode = "discrete"
 
 
 @dataclass
@@ -276,6 +311,26 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        apply_dense_preset(self.model, self.moe)
+
+
+def apply_dense_preset(model: ModelConfig, moe: MoEConfig) -> None:
+    """``moe.router: dense``: the same model with dense FFNs of top-k's active width.
+
+    Sets ``model.ffn_hidden_size = moe.topk * moe.expert_ffn_hidden_size`` and
+    ``moe.num_experts = 0`` (in place, so config.yaml records the dense model it trained).
+    """
+    if moe.router != "dense" or moe.num_experts == 0:
+        return
+    if moe.layer_freq != 1:
+        raise ConfigError(
+            f"moe.router=dense with moe.layer_freq={moe.layer_freq}: the dense baseline replaces "
+            "every layer's FFN; use moe.layer_freq=1"
+        )
+    model.ffn_hidden_size = moe.topk * moe.expert_ffn_hidden_size
+    moe.num_experts = 0
+
 
 @dataclass
 class FinetuneSettings:
@@ -291,9 +346,10 @@ class FinetuneSettings:
     tokenizer: Optional[str] = None
     """sentencepiece model; None: the consolidated directory's tokenizer.model, else the one in
     the pretraining data's manifest."""
-    routing: RoutingMode = "discrete"
+    routing: Optional[RoutingMode] = None
     """'discrete': router and gate dropped, nearest code only (METHOD.md section 3);
-    'pretrain': router and gate kept (the ablation)."""
+    'pretrain': the checkpoint's router kept (for VQMoE: router and gate, the ablation);
+    None: follow the router ('discrete' for VQMoE, 'pretrain' for every other router)."""
     train_codebook: bool = False
     """Learn the codebook (and restart dead codes); frozen by default, in both routing modes."""
     vq_loss: bool = True

@@ -79,6 +79,16 @@ RANGES: dict[str, Range] = {
     "moe.ema_decay": Range(0, 1, low_open=True, high_open=True),
     "moe.dead_code_interval": NON_NEGATIVE,
     "moe.dead_code_threshold": NON_NEGATIVE,
+    "moe.xmoe_dim": POSITIVE,
+    "moe.xmoe_temperature": Range(0, low_open=True),
+    "moe.smoe_dropout_k_min": POSITIVE,
+    "moe.smoe_dropout_k_max": POSITIVE,
+    "moe.smoe_dropout_ramp_steps": NON_NEGATIVE,
+    "moe.smoe_dropout_eval_k": POSITIVE,
+    "moe.stablemoe_stage1_steps": NON_NEGATIVE,
+    "moe.stablemoe_distill_dim": POSITIVE,
+    "moe.stablemoe_balance_coeff": NON_NEGATIVE,
+    "moe.stablemoe_distill_coeff": NON_NEGATIVE,
     "parallel.tensor_parallel": POSITIVE,
     "parallel.expert_parallel": POSITIVE,
     "data.micro_batch_size": POSITIVE,
@@ -170,6 +180,20 @@ def check_combinations(cfg: RunConfig) -> None:
         raise ConfigError(
             f"moe.topk={moe.topk} exceeds moe.num_experts={moe.num_experts}: use moe.topk "
             f"between 1 and {moe.num_experts}"
+        )
+    if moe.router == "smoe_dropout" and moe.num_experts:
+        k_min = moe.smoe_dropout_k_min or moe.topk
+        k_max = moe.smoe_dropout_k_max or moe.num_experts
+        k_eval = moe.smoe_dropout_eval_k or moe.num_experts
+        if not k_min <= k_max <= moe.num_experts or k_eval > moe.num_experts:
+            raise ConfigError(
+                f"moe.smoe_dropout_k_min={k_min}, k_max={k_max}, eval_k={k_eval}: need "
+                f"k_min <= k_max <= moe.num_experts={moe.num_experts} and eval_k <= num_experts"
+            )
+    if moe.router == "stablemoe" and moe.topk != 1:
+        raise ConfigError(
+            f"moe.router=stablemoe routes each token to one expert, but moe.topk={moe.topk}: "
+            "set moe.topk=1"
         )
     if moe.topk == 1 and not moe.pre_softmax and not moe.reference_router:
         raise ConfigError(

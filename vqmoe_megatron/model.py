@@ -4,7 +4,8 @@ One code path for every device: on CUDA with Transformer Engine installed the la
 specs (fused norms, grouped expert GEMMs); otherwise megatron's local spec with the portable
 swaps of :mod:`vqmoe_megatron.compat` (SDPA attention, sequence-parallel torch norms). The MoE
 slot of every ``moe.layer_freq``-th layer holds a :class:`~vqmoe_megatron.moe.VQMoELayer`
-(``moe.router: vqmoe``) or megatron's TopKRouter layer (``moe.router: topk``, the SMoE baseline).
+(``moe.router: vqmoe``), megatron's TopKRouter layer (``moe.router: topk``, the SMoE baseline)
+or a baseline router of :mod:`vqmoe_megatron.moe.baselines` (``MOE_SPECS``).
 
 Initialisation is layout-independent: dense weights use megatron's CPU initialisation (a full
 master weight sliced per TP rank) and MoE weights are drawn per (layer, global expert), so the
@@ -32,13 +33,31 @@ from vqmoe_megatron.moe import (
     ContinuousRouter,
     GroupedGemmExperts,
     PortableMoELayer,
+    StableMoELayer,
     VQMoELayer,
     VQMoERouter,
     VQMoETransformerConfig,
 )
+from vqmoe_megatron.moe.baselines import (
+    HashRouter,
+    SMoEDropoutRouter,
+    StableMoERouter,
+    TokenIdRouting,
+    XMoERouter,
+)
 from vqmoe_megatron.moe.metrics import RoutingMetrics, attach
 
 VOCAB_DIVISIBLE_BY = 128
+
+MOE_SPECS = {
+    "vqmoe": (VQMoELayer, VQMoERouter),
+    "topk": (PortableMoELayer, ContinuousRouter),
+    "xmoe": (PortableMoELayer, XMoERouter),
+    "hash": (PortableMoELayer, HashRouter),
+    "smoe_dropout": (PortableMoELayer, SMoEDropoutRouter),
+    "stablemoe": (StableMoELayer, StableMoERouter),
+}
+"""``moe.router`` -> (MoE layer class, router class) of the MoE spec slots."""
 
 
 def transformer_engine_available() -> bool:
@@ -106,6 +125,9 @@ def build_transformer_config(
     backend = expert_backend(model, moe)
     swiglu = model.activation == "swiglu"
     reference = moe.reference_router
+    # Routers with their own balance terms (or none) take no megatron aux loss.
+    own_balance = reference or moe.router in ("hash", "smoe_dropout", "stablemoe")
+    k_max = moe.smoe_dropout_k_max or moe.num_experts
     return VQMoETransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -139,9 +161,9 @@ def build_transformer_config(
         moe_router_topk=moe.topk,
         moe_router_pre_softmax=moe.pre_softmax,
         moe_router_load_balancing_type="none"
-        if reference or moe.aux_loss_coeff == 0
+        if own_balance or moe.aux_loss_coeff == 0
         else "aux_loss",
-        moe_aux_loss_coeff=0.0 if reference else moe.aux_loss_coeff,
+        moe_aux_loss_coeff=0.0 if own_balance else moe.aux_loss_coeff,
         moe_z_loss_coeff=moe.z_loss_coeff,
         moe_router_dtype=moe.router_dtype,
         moe_token_dispatcher_type=moe.token_dispatcher,
@@ -150,6 +172,19 @@ def build_transformer_config(
         moe_permute_fusion=False,
         moe_router_fusion=False,
         vqmoe_router=moe.router,
+        vqmoe_vocab_size=None
+        if model.vocab_size is None
+        else padded_vocab_size(model.vocab_size, tp),
+        vqmoe_xmoe_dim=moe.xmoe_dim,
+        vqmoe_xmoe_temperature=moe.xmoe_temperature,
+        vqmoe_smoe_k_min=moe.smoe_dropout_k_min or moe.topk,
+        vqmoe_smoe_k_max=k_max,
+        vqmoe_smoe_ramp_steps=moe.smoe_dropout_ramp_steps,
+        vqmoe_smoe_eval_k=moe.smoe_dropout_eval_k or moe.num_experts,
+        vqmoe_stablemoe_stage1_steps=moe.stablemoe_stage1_steps,
+        vqmoe_stablemoe_distill_dim=moe.stablemoe_distill_dim,
+        vqmoe_stablemoe_balance_coeff=moe.stablemoe_balance_coeff,
+        vqmoe_stablemoe_distill_coeff=moe.stablemoe_distill_coeff,
         vqmoe_expert_backend=backend,
         vqmoe_reference_router=reference,
         vqmoe_routing_mode=moe.routing_mode,
@@ -193,9 +228,9 @@ def _layer_spec(config: VQMoETransformerConfig, moe: bool, use_te: bool) -> Modu
         spec.submodules.input_layernorm = SPTorchNorm
         spec.submodules.pre_mlp_layernorm = SPTorchNorm
     if moe:
-        vq = config.vqmoe_router == "vqmoe"
-        spec.submodules.mlp.module = VQMoELayer if vq else PortableMoELayer
-        spec.submodules.mlp.submodules.router = VQMoERouter if vq else ContinuousRouter
+        layer, router = MOE_SPECS[config.vqmoe_router]
+        spec.submodules.mlp.module = layer
+        spec.submodules.mlp.submodules.router = router
         if config.vqmoe_expert_backend == "grouped":
             spec.submodules.mlp.submodules.experts = ModuleSpec(module=GroupedGemmExperts)
     return spec
@@ -234,6 +269,17 @@ class VQMoEGPTModel(GPTModel):
         use_device_safe_rotary_embedding(self)
         self.routing_metrics = attach(self, RoutingMetrics())
         """The routing statistics of this model's routers, kept apart from any other model's."""
+        self._id_routers = [m for m in self.modules() if isinstance(m, TokenIdRouting)]
+
+    def _hand_token_ids(self, input_ids: Optional[torch.Tensor]) -> None:
+        """Give the routers that route by token id this forward's ``input_ids`` [B, S]."""
+        for router in self._id_routers:
+            router.set_token_ids(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, *args, **kwargs):
+        """megatron's GPTModel.forward, with the input ids handed to the token-id routers."""
+        self._hand_token_ids(input_ids)
+        return super().forward(input_ids, *args, **kwargs)
 
     def final_hidden_states(
         self,
@@ -248,6 +294,7 @@ class VQMoEGPTModel(GPTModel):
         [S / TP, B, H] slice under sequence parallelism. Attention is causal, so right padding
         leaves the real tokens' states unchanged.
         """
+        self._hand_token_ids(input_ids)
         decoder_input, rotary_pos_emb, _, _, _, padding_mask = self._preprocess(
             input_ids=input_ids, position_ids=position_ids, padding_mask=padding_mask
         )[:6]
@@ -283,10 +330,12 @@ class VQMoEGPTModel(GPTModel):
         for layer in self.moe_layers():
             layer.reset_parameters(seed)
 
-    def begin_codebook_step(self, step: int, seed: int) -> None:
-        """Before optimizer step ``step`` (every rank): seed each codebook's restart sampling."""
-        for layer in self.vq_layers():
-            layer.begin_codebook_step(step, seed)
+    def begin_step(self, step: int, seed: int) -> None:
+        """Before optimizer step ``step`` (every rank; both training loops call it with the step
+        restored on resume): step-dependent routing (SMoE-Dropout's k, StableMoE's stage) and
+        the seeds of each codebook's restart sampling."""
+        for layer in self.moe_layers():
+            layer.begin_step(step, seed)
 
     def maintain_codebooks(
         self, step: int, seed: int, write_rows: RowWriter = write_rows_in_place

@@ -1,5 +1,7 @@
 """Worker: the whole tiny VQMoE GPT at TP = 2 with sequence parallelism, forward + backward.
 
+``--router`` builds the MoE layers with another router (``moe_helpers.baseline_settings``).
+
 Both ranks see the same batch (they are one data-parallel replica). After backward the
 gradients of sequence-parallel parameters are summed over TP (what finalize_model_grads does),
 then every gradient is gathered into full tensors; rank 0 saves loss and gradients.
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-from moe_helpers import TINY_MODEL, moe_variant
+from moe_helpers import TINY_MODEL, baseline_settings, moe_variant
 
 from vqmoe_megatron.config import ParallelConfig
 from vqmoe_megatron.distributed import (
@@ -29,10 +31,16 @@ def main() -> None:
     parser.add_argument("--dispatcher", default="alltoall")
     parser.add_argument("--expert-backend", default="grouped")
     parser.add_argument("--activation", default=TINY_MODEL.activation)
+    parser.add_argument("--router", default="vqmoe")
     args = parser.parse_args()
     layout = init_distributed(tensor_parallel=2, expert_parallel=1)
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    moe = moe_variant(token_dispatcher=args.dispatcher, topk=2, expert_backend=args.expert_backend)
+    moe = moe_variant(
+        token_dispatcher=args.dispatcher,
+        topk=2,
+        expert_backend=args.expert_backend,
+        **baseline_settings(args.router),
+    )
     model_cfg = replace(TINY_MODEL, activation=args.activation)
     model = build_model(model_cfg, moe, ParallelConfig(tensor_parallel=2), seed=11).double()
     torch.manual_seed(5)

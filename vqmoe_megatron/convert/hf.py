@@ -30,10 +30,6 @@ IGNORED_BUFFERS = re.compile(r"\.quantizer\.(window_counts|needs_data_init|ema_c
 
 def check_exportable(cfg: PretrainConfig) -> None:
     """Refuse models the HF code does not implement, naming the setting."""
-    if cfg.moe.num_experts > 0 and cfg.moe.router != "vqmoe":
-        raise CheckpointError(
-            f"moe.router={cfg.moe.router!r}: the HF export implements VQMoE layers only"
-        )
     if cfg.moe.num_experts > 0 and cfg.moe.capacity_factor is not None:
         raise CheckpointError(
             f"moe.capacity_factor={cfg.moe.capacity_factor}: token dropping depends on the batch, "
@@ -65,6 +61,7 @@ def hf_config(cfg: PretrainConfig, tokenizer: Tokenizer):
         expert_intermediate_size=moe.expert_ffn_hidden_size,
         moe_layer_freq=moe.layer_freq,
         num_codes=moe.codebook_size,
+        router=moe.router,
         routing_mode=moe.routing_mode,
         router_topk=moe.topk,
         router_pre_softmax=moe.pre_softmax,
@@ -74,6 +71,10 @@ def hf_config(cfg: PretrainConfig, tokenizer: Tokenizer):
         expert_input=moe.expert_input,
         contrib_rate=moe.contrib_rate,
         discrete_layernorm=moe.discrete_layernorm,
+        xmoe_dim=moe.xmoe_dim,
+        xmoe_temperature=moe.xmoe_temperature,
+        smoe_dropout_eval_k=moe.smoe_dropout_eval_k,
+        stablemoe_distill_dim=moe.stablemoe_distill_dim,
         tie_word_embeddings=not model.untie_embeddings_and_output_weights,
         bos_token_id=tokenizer.eos_id,
         eos_token_id=tokenizer.eos_id,
@@ -118,6 +119,9 @@ _RENAMES = {
     _E + r"linear_fc2\.weight$": "model.layers.{layer}.mlp.experts.{e}.down_proj.weight",
     _L + r"mlp\.router\.quantizer\.codebook$": "model.layers.{layer}.mlp.codebook",
     _L + r"mlp\.router\.continuous\.weight$": "model.layers.{layer}.mlp.router.weight",
+    _L + r"mlp\.router\.weight$": "model.layers.{layer}.mlp.router.weight",
+    _L + r"mlp\.router\.(?P<n>projection|expert_embeddings|temperature|table|expert_centroids|"
+    r"distill_embedding|distill_centroids)$": "model.layers.{layer}.mlp.{n}",
     _L + r"mlp\.router\.gate\.linear\." + _WB: "model.layers.{layer}.mlp.gate.{p}",
     _L
     + r"mlp\.router\.(?P<n>discrete_norm_(?:in|out))\."
@@ -151,7 +155,8 @@ def hf_state_dict(tensors: dict[str, torch.Tensor], cfg: PretrainConfig) -> dict
             target = prefix.format(**match.groupdict())
             pieces = {"": tensor} if convert is None else convert(tensor, cfg)
             for name, value in pieces.items():
-                out[target + name] = value.float().contiguous().clone()
+                value = value.float() if value.is_floating_point() else value  # hash tables
+                out[target + name] = value.contiguous().clone()
             break
         else:
             raise CheckpointError(f"no HF name for tensor {key!r}: the export does not know it")

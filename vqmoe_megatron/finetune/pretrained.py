@@ -28,6 +28,7 @@ from vqmoe_megatron.checkpoint.training import ROUTING_MODE, model_signature, si
 from vqmoe_megatron.config import (
     ConfigError,
     FinetuneConfig,
+    MoEConfig,
     PretrainConfig,
     from_dict,
     merge,
@@ -160,6 +161,26 @@ def _check_structure(cfg: FinetuneConfig, pretrained: PretrainConfig, path: str)
         )
 
 
+def fine_tune_routing(moe: MoEConfig) -> str:
+    """The default fine-tune routing of a pretrained model: 'discrete' for VQMoE (METHOD.md
+    section 3), 'pretrain' (its own router) for every other router."""
+    return "discrete" if moe.router == "vqmoe" else "pretrain"
+
+
+def fine_tune_router(moe: MoEConfig) -> MoEConfig:
+    """The router settings a fine-tuning run trains with: the router's final routing.
+
+    SMoE-Dropout routes with ``smoe_dropout_eval_k`` experts (no ramp); StableMoE with its
+    distilled router, frozen (stage 2 from the first step).
+    """
+    if moe.router == "smoe_dropout":
+        k = moe.smoe_dropout_eval_k or moe.num_experts
+        return replace(moe, smoe_dropout_k_min=k, smoe_dropout_k_max=k)
+    if moe.router == "stablemoe":
+        return replace(moe, stablemoe_stage1_steps=0)
+    return moe
+
+
 def _apply_finetune_settings(
     cfg: FinetuneConfig, checkpoint: Checkpoint, path: str
 ) -> FinetuneConfig:
@@ -170,6 +191,8 @@ def _apply_finetune_settings(
             f"{path} was fine-tuned without the VQ loss (its moe.vq_loss_coeff is 0): set "
             "moe.vq_loss_coeff=<the pretraining value> to keep it, or pass --no_vq_loss"
         )
+    if ft.routing is None:
+        ft = replace(ft, routing=fine_tune_routing(pretrained.moe))
     if ft.routing == "pretrain" and pretrained.moe.routing_mode == "discrete":
         raise ConfigError(
             f"--routing pretrain keeps the router and gate, but {path} was pretrained in "
@@ -181,10 +204,10 @@ def _apply_finetune_settings(
             "it with its router: --routing pretrain"
         )
     moe = replace(
-        cfg.moe,
+        fine_tune_router(cfg.moe),
         routing_mode=ft.routing,
         train_codebook_in_discrete=ft.train_codebook,
         vq_loss_in_discrete=ft.vq_loss,
         vq_loss_coeff=cfg.moe.vq_loss_coeff if ft.vq_loss else 0.0,
     )
-    return replace(cfg, moe=moe)
+    return replace(cfg, finetune=ft, moe=moe)

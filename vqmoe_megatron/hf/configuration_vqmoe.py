@@ -1,5 +1,9 @@
 """Hugging Face configuration of an exported VQMoE GPT (self-contained: copied into exports).
 
+``router`` is the MoE layers' router: 'vqmoe' (the VQMoE block) or one of the baselines
+'topk', 'xmoe', 'hash', 'smoe_dropout', 'stablemoe' (their inference routing; see
+``modeling_vqmoe``).
+
 Every field mirrors a setting of the project's ``ModelConfig`` / ``MoEConfig``; the exporter
 (``vqmoe_megatron.convert.hf``) fills them from a checkpoint's run config. ``vocab_size`` is the
 model's padded vocabulary (a multiple of 128); ``tokenizer_vocab_size`` the real one: ids at or
@@ -42,6 +46,7 @@ class VQMoEConfig(PretrainedConfig):
         expert_intermediate_size: int = 512,
         moe_layer_freq: int = 1,
         num_codes: Optional[int] = None,
+        router: str = "vqmoe",
         routing_mode: str = "pretrain",
         router_topk: int = 1,
         router_pre_softmax: bool = True,
@@ -51,6 +56,10 @@ class VQMoEConfig(PretrainedConfig):
         expert_input: str = "paper",
         contrib_rate: float = 0.05,
         discrete_layernorm: bool = False,
+        xmoe_dim: int = 16,
+        xmoe_temperature: Optional[float] = None,
+        smoe_dropout_eval_k: Optional[int] = None,
+        stablemoe_distill_dim: int = 50,
         tie_word_embeddings: bool = True,
         use_cache: bool = True,
         **kwargs,
@@ -75,6 +84,11 @@ class VQMoEConfig(PretrainedConfig):
         self.expert_intermediate_size = expert_intermediate_size
         self.moe_layer_freq = moe_layer_freq
         self.num_codes = num_codes or num_experts
+        self.router = router
+        self.xmoe_dim = xmoe_dim
+        self.xmoe_temperature = xmoe_temperature
+        self.smoe_dropout_eval_k = smoe_dropout_eval_k or num_experts
+        self.stablemoe_distill_dim = stablemoe_distill_dim
         self.routing_mode = routing_mode
         self.router_topk = router_topk
         self.router_pre_softmax = router_pre_softmax

@@ -14,6 +14,15 @@ and in every ``moe_layer_freq``-th layer the VQMoE block of METHOD.md:
   ``[g_c, g_d] = softmax(W_g x + b_g)``: ``y = g_c * sum_k w_k FFN_k(x) + g_d * y_d``;
 * ``routing_mode='discrete'``: the router and gate do not exist, ``y = y_d``.
 
+Baseline routers (``config.router``), at their inference routing:
+
+* 'topk' (megatron's TopKRouter): ``y = sum_k w_k FFN_k(x)``;
+* 'xmoe': the same top-k over ``proj(x) . normalise(e_j)`` (or ``cos(proj(x), e_j) / tau``);
+* 'smoe_dropout': the frozen router's top ``smoe_dropout_eval_k`` logits, softmax over them;
+* 'hash': the experts of the token id in a fixed table, weight ``1 / k``;
+* 'stablemoe': expert ``e = argmax(emb(id) . d_j)`` of the distilled router,
+  ``y = alpha FFN_e(x) + (1 - alpha) x`` with ``alpha = sigmoid(x . c_e)``.
+
 The vocabulary keeps the training model's padding rows (``vocab_size`` is a multiple of 128);
 their logits are real outputs of the model, so log-probabilities equal the project's; generation
 suppresses them through ``generation_config.suppress_tokens`` (written by the exporter).
@@ -123,23 +132,42 @@ class VQMoEMLP(nn.Module):
 
 
 class VQMoEBlock(nn.Module):
-    """The VQMoE layer: nearest-code routing, plus router and gate in 'pretrain' mode."""
+    """The MoE layer: the VQMoE block, or a baseline router's (``config.router``)."""
 
     def __init__(self, config: VQMoEConfig) -> None:
         super().__init__()
         self.config = config
-        hidden = config.hidden_size
+        hidden, experts = config.hidden_size, config.num_experts
         self.experts = nn.ModuleList(
             VQMoEMLP(hidden, config.expert_intermediate_size, config.activation)
-            for _ in range(config.num_experts)
+            for _ in range(experts)
         )
-        self.codebook = nn.Parameter(torch.empty(config.num_codes, hidden))
-        if config.discrete_layernorm:
-            self.discrete_norm_in = nn.LayerNorm(hidden)
-            self.discrete_norm_out = nn.LayerNorm(hidden)
-        if config.routing_mode == "pretrain":
-            self.router = nn.Linear(hidden, config.num_experts, bias=False)
-            self.gate = nn.Linear(hidden, 2)
+        kind = config.router
+        if kind == "vqmoe":
+            self.codebook = nn.Parameter(torch.empty(config.num_codes, hidden))
+            if config.discrete_layernorm:
+                self.discrete_norm_in = nn.LayerNorm(hidden)
+                self.discrete_norm_out = nn.LayerNorm(hidden)
+            if config.routing_mode == "pretrain":
+                self.router = nn.Linear(hidden, experts, bias=False)
+                self.gate = nn.Linear(hidden, 2)
+        elif kind in ("topk", "smoe_dropout"):
+            self.router = nn.Linear(hidden, experts, bias=False)
+        elif kind == "xmoe":
+            self.projection = nn.Parameter(torch.empty(config.xmoe_dim, hidden))
+            self.expert_embeddings = nn.Parameter(torch.empty(experts, config.xmoe_dim))
+            if config.xmoe_temperature is not None:
+                self.temperature = nn.Parameter(torch.tensor(float(config.xmoe_temperature)))
+        elif kind == "hash":
+            table = torch.zeros(config.vocab_size, config.router_topk, dtype=torch.long)
+            self.register_buffer("table", table)
+        elif kind == "stablemoe":
+            dim = config.stablemoe_distill_dim
+            self.expert_centroids = nn.Parameter(torch.empty(experts, hidden))
+            self.distill_embedding = nn.Parameter(torch.empty(config.vocab_size, dim))
+            self.distill_centroids = nn.Parameter(torch.empty(experts, dim))
+        else:
+            raise ValueError(f"unknown router {kind!r}")
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest code of each token: ``x`` [T, H] -> [T] (the project's fp32 formula)."""
@@ -183,11 +211,40 @@ class VQMoEBlock(nn.Module):
                 out.index_add_(0, token, y)
         return out
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Continuous router: (expert ids [T, k], weights [T, k]) as megatron's TopKRouter."""
+    def _router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, E] logits of the linear routers ('vqmoe', 'topk', 'smoe_dropout') or X-MoE's, in
+        the router dtype."""
+        dtype = _ROUTER_DTYPES.get(self.config.router_dtype, x.dtype)
+        if self.config.router != "xmoe":
+            return F.linear(x.to(dtype), self.router.weight.to(dtype))
+        reduced = F.linear(x.to(dtype), self.projection.to(dtype))
+        experts = F.normalize(self.expert_embeddings.to(dtype), dim=1, eps=1e-4)
+        if self.config.xmoe_temperature is None:
+            return reduced @ experts.t()
+        reduced = F.normalize(reduced, dim=-1, eps=1e-4)
+        return (reduced @ experts.t()) / self.temperature.to(dtype)
+
+    def route(
+        self, x: torch.Tensor, input_ids: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's (expert ids [T, k], weights [T, k]) as the project computes them;
+        ``input_ids`` [T] for the routers that route by token id."""
         cfg = self.config
-        dtype = _ROUTER_DTYPES.get(cfg.router_dtype, x.dtype)
-        logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
+        if cfg.router == "hash":
+            experts = self.table[input_ids]
+            return experts, torch.full(experts.shape, 1.0 / experts.shape[1], device=x.device)
+        if cfg.router == "stablemoe":
+            dtype = _ROUTER_DTYPES.get(cfg.router_dtype, x.dtype)
+            student = (
+                self.distill_embedding[input_ids].to(dtype) @ self.distill_centroids.to(dtype).t()
+            )
+            experts = student.argmax(dim=1, keepdim=True)
+            centroids = self.expert_centroids.to(dtype)[experts[:, 0]]
+            return experts, torch.sigmoid((x.to(dtype) * centroids).sum(dim=-1, keepdim=True))
+        logits = self._router_logits(x)
+        if cfg.router == "smoe_dropout":
+            top, experts = torch.topk(logits, cfg.smoe_dropout_eval_k, dim=1)
+            return experts, torch.softmax(top, dim=-1)
         if cfg.router_pre_softmax and not cfg.reference_router:
             scores = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
             weights, experts = torch.topk(scores, cfg.router_topk, dim=1)
@@ -196,10 +253,17 @@ class VQMoEBlock(nn.Module):
             weights = torch.softmax(top, dim=-1, dtype=torch.float32).type_as(logits)
         return experts, weights
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, S, H] -> [B, S, H]."""
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S, H] (and the ids [B, S]) -> [B, S, H]."""
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
+        ids = input_ids.reshape(-1)
+        if self.config.router != "vqmoe":
+            experts, weights = self.route(x, ids)
+            y = self.run_experts(x, experts, weights)
+            if self.config.router == "stablemoe":
+                y = y + ((1 - weights) * x).to(y.dtype)
+            return y.view(shape)
         codes = self.assign(x)
         expert_d = (codes % self.config.num_experts).unsqueeze(1)
         ones = torch.ones(expert_d.shape, dtype=torch.float32, device=x.device)
@@ -212,7 +276,7 @@ class VQMoEBlock(nn.Module):
         gate = torch.softmax(
             F.linear(x.to(dtype), self.gate.weight.to(dtype), self.gate.bias.to(dtype)), dim=-1
         )
-        experts, weights = self.route(x)
+        experts, weights = self.route(x, ids)
         y_c = self.run_experts(x, experts, gate[:, :1] * weights)
         return (y_c + gate[:, 1:].to(y_d.dtype) * y_d).view(shape)
 
@@ -236,9 +300,14 @@ class VQMoEDecoderLayer(nn.Module):
         angles: Optional[torch.Tensor],
         mask: Optional[torch.Tensor],
         cache: Optional[Cache],
+        input_ids: torch.Tensor,
     ) -> torch.Tensor:
+        """``input_ids`` [B, S] reach the MoE block (routers that route by token id)."""
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), angles, mask, cache)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        normed = self.post_attention_layernorm(hidden)
+        if isinstance(self.mlp, VQMoEBlock):
+            return hidden + self.mlp(normed, input_ids)
+        return hidden + self.mlp(normed)
 
 
 class VQMoEPreTrainedModel(PreTrainedModel):
@@ -252,7 +321,9 @@ class VQMoEPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, VQMoEBlock):
-            init.normal_(module.codebook, mean=0.0, std=0.02)
+            for param in module.parameters(recurse=False):
+                if param.dim() > 1:  # codebook, router embeddings and centroids
+                    init.normal_(param, mean=0.0, std=0.02)
 
 
 class VQMoEModel(VQMoEPreTrainedModel):
@@ -293,7 +364,7 @@ class VQMoEModel(VQMoEPreTrainedModel):
             angles = rope_angles(position_ids, self.config.head_dim, self.config.rope_theta)
         mask = self._mask(attention_mask, batch, seq, past, input_ids.device)
         for layer in self.layers:
-            hidden = layer(hidden, angles, mask, cache)
+            hidden = layer(hidden, angles, mask, cache, input_ids)
         return self.norm(hidden)
 
     @staticmethod

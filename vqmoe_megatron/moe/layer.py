@@ -113,11 +113,47 @@ class PortableMoELayer(MoELayer):
                     )
 
     def _reset_router(self, generator: torch.Generator) -> None:
-        weight = torch.empty(self.router.weight.shape, dtype=torch.float32)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
-            self.config.init_method(weight)
-        self.router.weight.copy_(weight.to(self.router.weight))
+        self.router.draw_parameters(generator)
+
+    def begin_step(self, step: int, seed: int) -> None:
+        """Before optimizer step ``step`` (every rank): step-dependent routing."""
+        self.router.begin_step(step)
+
+    def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """megatron's route; tells the all-to-all dispatcher the rows of a dropless map
+        (``tokens * router.topk``: the router's k may change with the step or the mode)."""
+        probs, routing_map = super().route(hidden_states, padding_mask)
+        if (
+            isinstance(self.token_dispatcher, PortableAlltoAllTokenDispatcher)
+            and self.config.moe_expert_capacity_factor is None
+        ):
+            self.token_dispatcher.num_routed_rows = routing_map.shape[0] * self.router.topk
+        return probs, routing_map
+
+
+class StableMoELayer(PortableMoELayer):
+    """StableMoE's layer: ``y = alpha * FFN_e(x) + (1 - alpha) * x`` for the token's one expert
+    e (``alpha`` is the router's prob, ``baselines.StableMoERouter``); a token dropped by the
+    capacity keeps ``y = x``, as in the reference."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        intermediate_tensors=None,
+        padding_mask: Optional[torch.Tensor] = None,
+    ):
+        """``hidden_states`` [S, B, H] -> ([S, B, H], None); ``padding_mask`` [B, S], True = pad."""
+        if intermediate_tensors is not None:
+            raise NotImplementedError("StableMoELayer does not support partial CUDA-graph capture")
+        if padding_mask is not None:
+            padding_mask = padding_mask.transpose(0, 1).bool()
+        probs, routing_map = self.route(hidden_states, padding_mask)
+        hidden, dispatched_probs = self.preprocess(hidden_states, probs, routing_map)
+        hidden, dispatched_probs = self.dispatch(hidden, dispatched_probs)
+        output, _ = self.routed_experts_compute(hidden, dispatched_probs)
+        output = self.postprocess(self.combine(output), None)
+        keep = (1 - probs.sum(dim=-1)).view(*hidden_states.shape[:-1], 1)
+        return output + keep.to(output.dtype) * hidden_states, None
 
 
 class VQMoELayer(PortableMoELayer):
@@ -136,9 +172,6 @@ class VQMoELayer(PortableMoELayer):
         if not isinstance(self.router, VQMoERouter):
             raise TypeError(f"VQMoELayer needs a VQMoERouter, got {type(self.router).__name__}")
 
-    def _reset_router(self, generator: torch.Generator) -> None:
-        self.router.reset_parameters(generator)
-
     @property
     def routing_mode(self) -> str:
         """'pretrain' (router + VQ + gate) or 'discrete' (nearest code only)."""
@@ -148,8 +181,9 @@ class VQMoELayer(PortableMoELayer):
         """Switch routing mode; 'discrete' drops the router and gate (see VQMoERouter)."""
         self.router.set_routing_mode(mode)
 
-    def begin_codebook_step(self, step: int, seed: int) -> None:
+    def begin_step(self, step: int, seed: int) -> None:
         """Before optimizer step ``step``: seed the sampling of its restart candidates."""
+        super().begin_step(step, seed)
         self.router.quantizer.begin_step(derived_seed(seed, self.layer_number, "candidates", step))
 
     def maintain_codebook(self, step: int, seed: int) -> Optional[CodeRestart]:

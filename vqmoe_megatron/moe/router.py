@@ -36,7 +36,31 @@ from vqmoe_megatron.moe.vq import VectorQuantizer
 _ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 
-class ContinuousRouter(TopKRouter):
+def router_dtype(config: VQMoETransformerConfig, fallback: torch.dtype) -> torch.dtype:
+    """The configured router arithmetic dtype (``moe.router_dtype``), else ``fallback``."""
+    return _ROUTER_DTYPES.get(config.moe_router_dtype, fallback)
+
+
+@torch.no_grad()
+def draw_normal(param: torch.Tensor, init_method, generator: torch.Generator) -> None:
+    """Fill ``param`` with ``init_method`` under a seed drawn from ``generator`` (fp32, then cast),
+    leaving the global RNG stream untouched."""
+    weight = torch.empty(param.shape, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+        init_method(weight)
+    param.copy_(weight.to(param))
+
+
+class StepRouting:
+    """Routers whose routing may depend on the optimizer step (the default: it does not)."""
+
+    def begin_step(self, step: int) -> None:
+        """Before optimizer step ``step`` on every rank (``VQMoEGPTModel.begin_step``, called
+        by the training loops with the step restored on resume)."""
+
+
+class ContinuousRouter(StepRouting, TopKRouter):
     """megatron-core's TopKRouter with a device-agnostic gating GEMM.
 
     The stock ``gating`` moves its weight to ``torch.cuda.current_device()`` and, without
@@ -54,15 +78,24 @@ class ContinuousRouter(TopKRouter):
         self.routing_metrics = RoutingMetrics()
         """Where the entropy is recorded; the owning model or VQMoE router replaces it."""
 
+    def draw_parameters(self, generator: torch.Generator) -> None:
+        """Layout-independent initialisation of the router weight from ``generator``."""
+        draw_normal(self.weight, self.config.init_method, generator)
+
+    @property
+    def softmax_over_selected(self) -> bool:
+        """Weights = softmax over the top-k logits only, no balance loss (else megatron's)."""
+        return self.config.vqmoe_reference_router
+
     def gating(self, input: torch.Tensor) -> torch.Tensor:
-        dtype = _ROUTER_DTYPES.get(self.config.moe_router_dtype, input.dtype)
+        dtype = router_dtype(self.config, input.dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(input.to(dtype), self.weight.to(dtype), bias)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         if self.routing_metrics.enabled and self.layer_number is not None:
             self._record_entropy(logits, padding_mask)
-        if self.config.vqmoe_reference_router:
+        if self.softmax_over_selected:
             return self._reference_routing(logits.view(-1, logits.shape[-1]))
         return super().routing(logits, padding_mask=padding_mask)
 
@@ -139,7 +172,7 @@ class RoutingPlan:
     aux_loss: Optional[torch.Tensor]
 
 
-class VQMoERouter(MegatronModule):
+class VQMoERouter(StepRouting, MegatronModule):
     """Continuous top-k router + nearest-code routing + mixing gate (METHOD.md section 1).
 
     Built by megatron from the spec slot ``MoESubmodules.router`` with
@@ -234,14 +267,10 @@ class VQMoERouter(MegatronModule):
 
     # ----------------------------------------------------------------------------- init
     @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator) -> None:
+    def draw_parameters(self, generator: torch.Generator) -> None:
         """Layout-independent initialisation of router, gate and codebook from ``generator``."""
         if self.continuous is not None:
-            weight = torch.empty(self.continuous.weight.shape, dtype=torch.float32)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
-                self.config.init_method(weight)
-            self.continuous.weight.copy_(weight.to(self.continuous.weight))
+            self.continuous.draw_parameters(generator)
             self.gate.reset_parameters(self.config.init_method_std, generator)
         self.quantizer.reset_parameters(generator)
 

@@ -16,6 +16,8 @@ from vqmoe_megatron.config import ROUTING_MODES
 
 EXPERT_INPUTS = ("paper", "token", "quantized")
 EXPERT_BACKENDS = ("grouped", "sequential", "te")
+ROUTERS = ("vqmoe", "topk", "xmoe", "hash", "smoe_dropout", "stablemoe", "dense")
+"""``dense`` builds no MoE layer (``config.apply_dense_preset``)."""
 
 
 @dataclass
@@ -23,7 +25,20 @@ class VQMoETransformerConfig(TransformerConfig):
     """TransformerConfig plus the VQMoE layer settings (see METHOD.md and ``config.MoEConfig``)."""
 
     vqmoe_router: str = "vqmoe"
-    """'vqmoe' (two-path VQMoE router) or 'topk' (megatron's TopKRouter, the SMoE baseline)."""
+    """'vqmoe' (two-path VQMoE router), 'topk' (megatron's TopKRouter, the SMoE baseline) or a
+    baseline router of ``moe.baselines`` ('xmoe', 'hash', 'smoe_dropout', 'stablemoe')."""
+    vqmoe_vocab_size: Optional[int] = None
+    """Padded vocabulary size (the token-id routers' tables)."""
+    vqmoe_xmoe_dim: int = 16
+    vqmoe_xmoe_temperature: Optional[float] = None
+    vqmoe_smoe_k_min: int = 1
+    vqmoe_smoe_k_max: int = 1
+    vqmoe_smoe_ramp_steps: int = 1000
+    vqmoe_smoe_eval_k: int = 1
+    vqmoe_stablemoe_stage1_steps: int = 1000
+    vqmoe_stablemoe_distill_dim: int = 50
+    vqmoe_stablemoe_balance_coeff: float = 0.3
+    vqmoe_stablemoe_distill_coeff: float = 0.3
     vqmoe_expert_backend: str = "grouped"
     """Routed experts: 'grouped' (experts.GroupedGemmExperts), 'sequential' (megatron's
     SequentialMLP) or 'te' (TEGroupedMLP, with ``moe_grouped_gemm``)."""
@@ -50,8 +65,10 @@ class VQMoETransformerConfig(TransformerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.vqmoe_router not in ("vqmoe", "topk"):
-            raise ValueError(f"vqmoe_router must be 'vqmoe' or 'topk', got {self.vqmoe_router!r}")
+        if self.vqmoe_router not in ROUTERS:
+            raise ValueError(f"vqmoe_router must be one of {ROUTERS}, got {self.vqmoe_router!r}")
+        if self.vqmoe_router in ("hash", "stablemoe") and self.vqmoe_vocab_size is None:
+            raise ValueError(f"vqmoe_router={self.vqmoe_router!r} needs vqmoe_vocab_size")
         if self.vqmoe_expert_backend not in EXPERT_BACKENDS:
             raise ValueError(f"vqmoe_expert_backend must be one of {EXPERT_BACKENDS}")
         if self.vqmoe_routing_mode not in ROUTING_MODES:

@@ -26,10 +26,15 @@ PEAK_TFLOPS = {
 
 
 def experts_per_token(moe: MoEConfig) -> int:
-    """Expert FFNs one token runs through (for FLOPs and 'active parameters')."""
-    if moe.router == "topk":
-        return moe.topk
-    return moe.topk + 1 if moe.routing_mode == "pretrain" else 1
+    """Expert FFNs one token runs through (for FLOPs and 'active parameters'); SMoE-Dropout
+    counts the k it ends its ramp with."""
+    if moe.router == "vqmoe":
+        return moe.topk + 1 if moe.routing_mode == "pretrain" else 1
+    if moe.router == "stablemoe":
+        return 1
+    if moe.router == "smoe_dropout":
+        return moe.smoe_dropout_k_max or moe.num_experts
+    return moe.topk
 
 
 @dataclass(frozen=True)
@@ -58,9 +63,16 @@ def _attention_weights(model: ModelConfig) -> int:
 
 
 def _routing_weights(hidden: int, moe: MoEConfig) -> int:
-    """Weights of one MoE layer's per-token routing GEMMs: router, codebook, 2-way gate."""
+    """Weights of one MoE layer's per-token routing GEMMs: router, codebook, 2-way gate (the
+    hash router has none; StableMoE's id embedding is a lookup, left out)."""
+    if moe.router == "hash":
+        return 0
+    if moe.router == "xmoe":
+        return moe.xmoe_dim * (hidden + moe.num_experts)
+    if moe.router == "stablemoe":
+        return moe.num_experts * (hidden + moe.stablemoe_distill_dim)
     weights = 0
-    if moe.router == "topk" or moe.routing_mode == "pretrain":
+    if moe.router != "vqmoe" or moe.routing_mode == "pretrain":
         weights += moe.num_experts * hidden
     if moe.router == "vqmoe":
         weights += moe.codebook_size * hidden
@@ -80,13 +92,16 @@ def model_size(model: ModelConfig, moe: MoEConfig) -> ModelSize:
     expert_ffn = _ffn_params(h, moe.expert_ffn_hidden_size, swiglu)
     gate_bias = 2 if moe.router == "vqmoe" and moe.routing_mode == "pretrain" else 0
     router = _routing_weights(h, moe) + gate_bias
+    # StableMoE's distilled router: a token-id embedding table (+ the X-MoE temperature).
+    lookup = vocab * moe.stablemoe_distill_dim if moe.router == "stablemoe" else 0
+    lookup += 1 if moe.router == "xmoe" and moe.xmoe_temperature is not None else 0
     total = active = embedding + h  # final norm
     expert_total = 0
     for index in range(layers):
         total += attention + norms
         active += attention + norms
         if is_moe_layer(index, moe):
-            total += moe.num_experts * expert_ffn + router
+            total += moe.num_experts * expert_ffn + router + lookup
             active += experts_per_token(moe) * expert_ffn + router
             expert_total += moe.num_experts * expert_ffn
         else:

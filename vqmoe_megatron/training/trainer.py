@@ -198,7 +198,7 @@ class Trainer:
         self.log.info(f"training steps {self.state.step + 1}..{train.steps}")
         for step in range(self.state.step + 1, train.steps + 1):
             began = time.perf_counter()
-            self.gpt.begin_codebook_step(step, train.seed)
+            self.gpt.begin_step(step, train.seed)
             sums, nonfinite = self._train_step(step)
             self.state.step = step
             self.task.advance(self.state)
