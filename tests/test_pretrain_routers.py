@@ -14,7 +14,7 @@ import pytest
 import yaml
 from data_helpers import tiny_shards
 from pretrain_helpers import losses, pretrain
-from vqmoe_megatron.training.checkpoint import find_latest
+from vqmoe_megatron.checkpoint.training import find_latest
 
 pytestmark = pytest.mark.slow
 
