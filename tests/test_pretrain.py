@@ -94,6 +94,14 @@ def test_resume_after_clean_stop_is_bit_exact(shards, tmp_path, precision, zero,
     assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
     assert "restarted" in proc.stdout, "a dead-code restart after the resume"
+    if precision == "fp32":  # a finished run given again: nothing trained, nothing re-saved
+        final = find_latest(tmp_path / "b" / "checkpoints")
+        written = final.stat().st_mtime_ns
+        again = pretrain(shards, tmp_path / "b", "train.steps=8", *extra)
+        assert "no steps left: resumed at step 8 of 8" in again.stdout
+        assert find_latest(tmp_path / "b" / "checkpoints") == final
+        assert final.stat().st_mtime_ns == written
+        assert losses(tmp_path / "b") == losses(tmp_path / "a")
 
 
 @pytest.mark.distributed

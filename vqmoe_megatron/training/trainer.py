@@ -195,7 +195,10 @@ class Trainer:
         train = self.cfg.train
         start = (time.time(), self.state.step)
         window = _Window()
-        self.log.info(f"training steps {self.state.step + 1}..{train.steps}")
+        if self.state.step < train.steps:
+            self.log.info(f"training steps {self.state.step + 1}..{train.steps}")
+        else:
+            self.log.info(f"no steps left: resumed at step {self.state.step} of {train.steps}")
         for step in range(self.state.step + 1, train.steps + 1):
             began = time.perf_counter()
             self.gpt.begin_step(step, train.seed)
@@ -217,7 +220,8 @@ class Trainer:
                 return stopped
             if step % train.save_interval == 0 and step != train.steps and not self.nonfinite_run:
                 self.save()
-        self.save()
+        if self.state.step > start[1]:  # else the checkpoint resumed from is this step's
+            self.save()
         self.stop.release()
         self.task.finish(self.engine, self.state, self.log)
         if self.rank0:
