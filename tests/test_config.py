@@ -83,5 +83,7 @@ def test_the_routing_modes_are_defined_once():
     assert config.ROUTING_MODES == ("pretrain", "discrete")
     assert configuration_vqmoe.ROUTING_MODES == config.ROUTING_MODES
     assert transformer_config.ROUTING_MODES is config.ROUTING_MODES
-    for cls, name in ((config.MoEConfig, "routing_mode"), (config.FinetuneSettings, "routing")):
-        assert typing.get_type_hints(cls)[name] == config.RoutingMode
+    assert typing.get_type_hints(config.MoEConfig)["routing_mode"] == config.RoutingMode
+    # fine-tuning's None: follow the pretrained router (discrete for VQMoE, its router otherwise)
+    hint = typing.get_type_hints(config.FinetuneSettings)["routing"]
+    assert hint == typing.Optional[config.RoutingMode]
