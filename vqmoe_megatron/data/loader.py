@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vqmoe_megatron.data.errors import DataError
 from vqmoe_megatron.data.manifest import Manifest, load_manifest
 from vqmoe_megatron.data.schedule import SlotSchedule
-from vqmoe_megatron.data.shard_format import iter_shard
+from vqmoe_megatron.data.shard_format import read_shard
 from vqmoe_megatron.data.store import FetchPolicy
 from vqmoe_megatron.processes import end_with_parent
 
@@ -85,25 +85,19 @@ class _SlotStream(IterableDataset):
         self.verify_checksums = verify_checksums
 
     def _read(self, shard: int, wanted: np.ndarray) -> np.ndarray:
-        """The ``wanted`` samples of one shard, in that order: [len(wanted), seq_length + 1] (all
-        of the shard is read; the wanted ones are decoded)."""
+        """The ``wanted`` samples of one shard, in that order: [len(wanted), seq_length + 1]."""
         info = self.shards[shard]
-        first = int(self.first_index[shard])
-        row = {local: k for k, local in enumerate(wanted.tolist())}
-        out = np.empty((len(wanted), self.manifest.seq_length + 1), dtype=self.manifest.dtype)
-        for index, array in iter_shard(
+        return read_shard(
             self.manifest.store,
             info.name,
-            first_index=first,
+            first_index=int(self.first_index[shard]),
             samples=info.samples,
             sample_length=self.manifest.seq_length + 1,
             dtype=self.manifest.dtype,
             vocab_size=self.manifest.vocab_size,
             sha256=info.sha256 if self.verify_checksums else None,
-            keep=row,
-        ):
-            out[row[index - first]] = array
-        return out
+            rows=wanted,
+        )
 
     def __iter__(self) -> Iterator[dict]:
         """Messages ``{"slot", "tokens" [n, seq_length + 1], "index" [n]}`` with n =
