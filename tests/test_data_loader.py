@@ -12,6 +12,7 @@ import pytest
 from data_helpers import FIXTURE, tiny_shards
 
 from vqmoe_megatron.data import DataError, TokenShardLoader, check_manifest_matches, load_manifest
+from vqmoe_megatron.data.loader import SAMPLES_PER_MESSAGE
 from vqmoe_megatron.data.schedule import SlotSchedule
 
 
@@ -249,4 +250,5 @@ def test_stream_is_one_sample_per_slot_round_robin(many: Path, workers: int, spl
             break
         got += batch["index"].tolist()
     stream.close()
-    assert got[: len(expected)] == expected and len(expected) > 128 * slots
+    assert got[: len(expected)] == expected
+    assert split == "valid" or len(expected) > 2 * SAMPLES_PER_MESSAGE * slots

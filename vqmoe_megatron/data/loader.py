@@ -32,7 +32,7 @@ from vqmoe_megatron.data.store import FetchPolicy
 from vqmoe_megatron.processes import end_with_parent
 
 STATE_VERSION = 1
-SAMPLES_PER_MESSAGE = 64  # per worker message: ~64 KiB at seq_length 512, 2-byte ids
+SAMPLES_PER_MESSAGE = 256  # per worker message: 256 KiB at seq_length 512 (2-byte ids)
 _STATE_KEYS = (
     "split",
     "data_fingerprint",
