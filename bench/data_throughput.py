@@ -6,11 +6,14 @@ Side by side in one run, on the same text, for each ``--workers`` count W:
 - data_tools/shard.py end to end with ``--workers W`` (``build_shards``: reading, decoding,
   splitting, tokenizing, packing, writing and checksumming the shards and the manifest).
 Runs alternate between the three and report medians, because the box may be shared; the CPU
-ratios (CPU seconds of all processes and threads) are what contention changes least. Then:
+ratios (CPU seconds of all processes and threads) are what contention changes least, and
+shard.py's CPU is also shown split into its main process and its workers. Then:
 - the loader reading the shards back at the ``--step-config`` data settings (micro-batch,
   ``num_workers``) and with ``num_workers=0``, in samples per second,
 - against what a training step at ``--step-config`` consumes: micro-batch / step time of the
-  real pretraining step (fwd + bwd + ZeRO-2 AdamW, one process, CPU) on those shards.
+  real pretraining step (fwd + bwd + ZeRO-2 AdamW, one process, CPU) on those shards, and the
+  MFU up to which the loader would keep up with that step on a GPU of ``--gpu-peak-tflops``
+  (samples/s x seq_length x training FLOPs per token / peak).
 The input is the corpus repeated ``--copies`` times (as separate files), so the fixed costs of
 a run (process start-up, manifest) weigh as much as they would on that much text, and shards
 are ``--shard-size-mb`` (8) so that, as on a corpus much larger than one shard, most of the
@@ -46,6 +49,7 @@ from vqmoe_megatron.data.cli import available_cpus, run_cli
 from vqmoe_megatron.data.sharding import ShardSettings, build_shards
 from vqmoe_megatron.data.sources import iter_documents, resolve_inputs
 from vqmoe_megatron.data.tokenizer_training import TokenizerSettings, train_tokenizer
+from vqmoe_megatron.training.flops import PEAK_TFLOPS
 
 
 def _copies(source: Path, copies: int, folder: Path) -> Path:
@@ -62,18 +66,20 @@ def _copies(source: Path, copies: int, folder: Path) -> Path:
     return folder
 
 
-def _cpu_seconds() -> float:
+def _cpu_seconds() -> tuple[float, float]:
     """CPU time of this process (all threads) and of its finished child processes."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
-def _timed(work: Callable[[], object]) -> tuple[float, float]:
-    """Wall-clock and CPU seconds of ``work()``."""
-    wall, cpu = time.perf_counter(), _cpu_seconds()
+def _timed(work: Callable[[], object]) -> tuple[float, float, float]:
+    """Wall-clock seconds of ``work()``, and its CPU seconds in this process and in the
+    processes it started (shard.py's workers)."""
+    wall, (own, children) = time.perf_counter(), _cpu_seconds()
     work()
-    return time.perf_counter() - wall, _cpu_seconds() - cpu
+    after = _cpu_seconds()
+    return time.perf_counter() - wall, after[0] - own, after[1] - children
 
 
 def _shard(settings: ShardSettings) -> None:
@@ -183,6 +189,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         help="config whose training step and data settings the loader is compared with",
     )
     p.add_argument("--step-steps", type=int, default=5, help="timed steps (after 2 warm-up)")
+    p.add_argument(
+        "--gpu-peak-tflops",
+        type=float,
+        default=PEAK_TFLOPS["H100"],
+        help="dense bf16 peak of the GPU the loader is compared with (default: H100's)",
+    )
     args = p.parse_args(argv)
     source = Path(args.input)
     if not source.exists():
@@ -218,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     workers=workers,
                 )
                 encode = partial(tokenizer.processor.encode, texts, num_threads=workers)
-                timings: list[list[tuple[float, float]]] = [[], [], []]
+                timings: list[list[tuple[float, float, float]]] = [[], [], []]
                 for _ in range(args.runs):
                     timings[0].append(_timed(encode))
                     timings[1].append(_timed(partial(encode, out_type="numpy")))
@@ -241,16 +253,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     print(
         "| input | workers | encode MB/s (lists / numpy) | shard.py MB/s | ratio to lists / "
-        "numpy | CPU s/MB (lists / numpy / shard.py) | CPU ratio to lists / numpy |"
+        "numpy | CPU s/MB (lists / numpy / shard.py) | shard.py CPU s/MB (main / workers) | "
+        "CPU ratio to lists / numpy |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for copies, files, megabytes, workers, medians in rows:
-        (lists, lists_cpu), (arrays, arrays_cpu), (shard, shard_cpu) = medians
+        lists, arrays, shard = (wall for wall, _, _ in medians)
+        lists_cpu, arrays_cpu, shard_cpu = (own + children for _, own, children in medians)
+        main_cpu, workers_cpu = medians[2][1:]
         print(
             f"| {copies}x ({files} files, {megabytes:.1f} MB) | {workers} | "
             f"{megabytes / lists:.1f} / {megabytes / arrays:.1f} | {megabytes / shard:.1f} | "
             f"{lists / shard:.2f} / {arrays / shard:.2f} | {lists_cpu / megabytes:.4f} / "
             f"{arrays_cpu / megabytes:.4f} / {shard_cpu / megabytes:.4f} | "
+            f"{main_cpu / megabytes:.4f} / {workers_cpu / megabytes:.4f} | "
             f"{lists_cpu / shard_cpu:.2f} / {arrays_cpu / shard_cpu:.2f} |"
         )
     sample = args.seq_length + 1
@@ -268,6 +284,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "the loader keeps up with micro-batch steps down to "
         + " and ".join(
             f"{step_config.micro_batch_size / rate * 1e3:.2f} ms ({w} workers)"
+            for w, rate in rates.items()
+        )
+    )
+    # A GPU step consumes samples * seq_length * GFLOP/token at MFU * peak: the loader keeps
+    # up with it while the MFU stays below this.
+    print(
+        f"on a GPU of {args.gpu_peak_tflops:g} TFLOP/s (bf16 dense peak), the loader keeps up "
+        "with the step while its MFU stays below "
+        + " and ".join(
+            f"{rate * args.seq_length * gflops / (args.gpu_peak_tflops * 1e3):.1%} ({w} workers)"
             for w, rate in rates.items()
         )
     )

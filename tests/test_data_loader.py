@@ -12,6 +12,7 @@ import pytest
 from data_helpers import FIXTURE, tiny_shards
 
 from vqmoe_megatron.data import DataError, TokenShardLoader, check_manifest_matches, load_manifest
+from vqmoe_megatron.data.loader import SAMPLES_PER_MESSAGE
 from vqmoe_megatron.data.schedule import SlotSchedule
 
 
@@ -215,3 +216,41 @@ def test_splits_too_small_for_the_loader(few: Path, tmp_path_factory: pytest.Tem
         _loader(single, "valid")
     with pytest.raises(DataError, match="has no split 'test'"):
         _loader(single, "test")
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_stream_is_one_sample_per_slot_round_robin(many: Path, workers: int, split: str):
+    """Workers send their samples many per message (straddling shard ends); the stream is still
+    the slots' samples taken one at a time round-robin, a slot that has ended skipped."""
+    manifest = load_manifest(many)
+    first = np.cumsum([0] + [s.samples for s in manifest.split(split).shards])
+    counts = tuple(s.samples for s in manifest.split(split).shards)
+    slots = max(1, workers)
+    walks = []
+    for slot in range(slots):
+        schedule = SlotSchedule(counts, slot, slots, seed=11, shuffle=split == "train")
+        epochs = 2 if split == "train" else 1
+        walks.append(
+            [int(first[s]) + int(i) for _, s, w in schedule.walk(0, epochs=epochs) for i in w]
+        )
+    expected, position = [], [0] * slots
+    while any(p < len(w) for p, w in zip(position, walks)):
+        for slot in range(slots):
+            if position[slot] < len(walks[slot]):
+                expected.append(walks[slot][position[slot]])
+                position[slot] += 1
+            elif split == "train":  # endless: the reference is only walked for two epochs
+                position = [len(w) for w in walks]
+                break
+    loader = _loader(many, split, dp_size=1, num_workers=workers, micro_batch_size=7)
+    stream = iter(loader)
+    got = []
+    while len(got) < len(expected):
+        batch = next(stream, None)
+        if batch is None:
+            break
+        got += batch["index"].tolist()
+    stream.close()
+    assert got[: len(expected)] == expected
+    assert split == "valid" or len(expected) > 2 * SAMPLES_PER_MESSAGE * slots

@@ -22,7 +22,13 @@ from data_helpers import (
 )
 
 from vqmoe_megatron.data import DataError, Tokenizer, TokenShardLoader, load_manifest
-from vqmoe_megatron.data.shard_format import iter_shard, shard_tar, token_dtype
+from vqmoe_megatron.data.shard_format import (
+    _canonical_samples,
+    iter_shard,
+    read_shard,
+    shard_tar,
+    token_dtype,
+)
 from vqmoe_megatron.data.shard_workspace import ShardWorkspace
 from vqmoe_megatron.data.sharding import build_shards
 from vqmoe_megatron.data.store import open_store
@@ -114,6 +120,30 @@ def test_shards_are_plain_webdataset_tars(data: Path):
     )
     for sample, (_, array) in zip(samples, ours, strict=True):
         assert sample["tokens.npy"].dtype == np.uint16 and (sample["tokens.npy"] == array).all()
+
+
+def test_read_shard_decodes_whole_shards_and_falls_back_to_member_reading(tmp_path: Path):
+    """read_shard decodes a shard_tar shard as one array; a tar that differs from that layout
+    (here: another mtime, as other tar writers set) is read member by member, with the same
+    result; ids >= the vocabulary are refused on both paths."""
+    samples = np.random.default_rng(0).integers(0, 50, size=(7, 9)).astype(np.uint16)
+    (tmp_path / "ours.tar").write_bytes(shard_tar(samples, 20))
+    with tarfile.open(tmp_path / "other.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for k, row in enumerate(samples):
+            buf = io.BytesIO()
+            np.save(buf, row)
+            info = tarfile.TarInfo(f"{20 + k:010d}.tokens.npy")
+            info.size, info.mtime = len(buf.getvalue()), 1234
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    store, rows = open_store(tmp_path), np.array([5, 0, 3, 6])
+    settings = {"first_index": 20, "samples": 7, "sample_length": 9, "dtype": "uint16"}
+    for name, canonical in [("ours.tar", True), ("other.tar", False)]:
+        data = np.frombuffer((tmp_path / name).read_bytes(), np.uint8)
+        assert (_canonical_samples(data, **settings) is not None) == canonical
+        read = read_shard(store, name, vocab_size=50, rows=rows, **settings)
+        assert read.dtype == np.uint16 and (read == samples[rows]).all()
+        with pytest.raises(DataError, match=rf"{name} .*0000000023.tokens.npy holds ids >= vocab"):
+            read_shard(store, name, vocab_size=int(samples[3].max()), rows=rows, **settings)
 
 
 def test_uint32_when_the_vocabulary_needs_it(tmp_path: Path):

@@ -1,18 +1,21 @@
 """The training and evaluation data loader over the shards of data_tools/shard.py.
 
 Each loader worker (a torch DataLoader worker, or this process with ``num_workers=0``) streams
-the samples of one slot of ``schedule.SlotSchedule``, one sample per DataLoader fetch; torch
-hands them over round-robin over the workers, and this process groups them into micro-batches.
-The state is, per worker, how many of its samples went into batches already handed out, plus
-which worker is next in the round-robin. A fresh loader given that state starts each worker at
-its position and rotates the worker-to-slot assignment so that the round-robin continues with the
-same slot: the resumed sequence equals the uninterrupted one exactly, whatever the workers had
-prefetched when the run stopped.
+the samples of one slot of ``schedule.SlotSchedule``, ``SAMPLES_PER_MESSAGE`` samples per
+DataLoader fetch as one array (one pickled message each instead of one per sample, which made the
+pipe the bottleneck). This process takes the samples one at a time round-robin over the slots,
+skipping slots that have ended, exactly the order one-sample fetches would have had, and groups
+them into micro-batches. The state is, per worker, how many of its samples went into batches
+already handed out, plus which worker is next in the round-robin. A fresh loader given that state
+starts each worker at its position and rotates the worker-to-slot assignment so that the
+round-robin continues with the same slot: the resumed sequence equals the uninterrupted one
+exactly, whatever the workers had prefetched when the run stopped.
 """
 
 from __future__ import annotations
 
 import signal
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional, Union
@@ -24,11 +27,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vqmoe_megatron.data.errors import DataError
 from vqmoe_megatron.data.manifest import Manifest, load_manifest
 from vqmoe_megatron.data.schedule import SlotSchedule
-from vqmoe_megatron.data.shard_format import iter_shard
+from vqmoe_megatron.data.shard_format import read_shard
 from vqmoe_megatron.data.store import FetchPolicy
 from vqmoe_megatron.processes import end_with_parent
 
 STATE_VERSION = 1
+SAMPLES_PER_MESSAGE = 256  # per worker message: 256 KiB at seq_length 512 (2-byte ids)
 _STATE_KEYS = (
     "split",
     "data_fingerprint",
@@ -82,43 +86,57 @@ class _SlotStream(IterableDataset):
         self.infinite = infinite
         self.verify_checksums = verify_checksums
 
-    def _read(self, shard: int, wanted: np.ndarray) -> dict[int, np.ndarray]:
-        """The wanted samples of one shard (all of it is read; the wanted ones are decoded)."""
+    def _read(self, shard: int, wanted: np.ndarray) -> np.ndarray:
+        """The ``wanted`` samples of one shard, in that order: [len(wanted), seq_length + 1]."""
         info = self.shards[shard]
-        first = int(self.first_index[shard])
-        return {
-            index - first: array
-            for index, array in iter_shard(
-                self.manifest.store,
-                info.name,
-                first_index=first,
-                samples=info.samples,
-                sample_length=self.manifest.seq_length + 1,
-                dtype=self.manifest.dtype,
-                vocab_size=self.manifest.vocab_size,
-                sha256=info.sha256 if self.verify_checksums else None,
-                keep=set(wanted.tolist()),
-            )
-        }
+        return read_shard(
+            self.manifest.store,
+            info.name,
+            first_index=int(self.first_index[shard]),
+            samples=info.samples,
+            sample_length=self.manifest.seq_length + 1,
+            dtype=self.manifest.dtype,
+            vocab_size=self.manifest.vocab_size,
+            sha256=info.sha256 if self.verify_checksums else None,
+            rows=wanted,
+        )
 
     def __iter__(self) -> Iterator[dict]:
+        """Messages ``{"slot", "tokens" [n, seq_length + 1], "index" [n]}`` with n =
+        ``SAMPLES_PER_MESSAGE`` (fewer only in the last one), then ``{"slot", "end"}`` when a
+        finite stream is done, or ``{"slot", "error"}`` after the samples read before it."""
         worker = get_worker_info()
         slot = ((worker.id if worker else 0) + self.rotation) % len(self.schedules)
         schedule = self.schedules[slot]
+        tokens: list[np.ndarray] = []
+        index: list[np.ndarray] = []
+        held = 0
+        end: dict = {"slot": slot, "end": True}
         try:
-            walk = schedule.walk(self.start[slot], epochs=None if self.infinite else 1)
-            for _, shard, wanted in walk:
-                arrays = self._read(shard, wanted)
-                first = int(self.first_index[shard])
-                for local in wanted.tolist():
-                    yield {"tokens": arrays[local], "index": first + local, "slot": slot}
+            for _, shard, wanted in schedule.walk(
+                self.start[slot], epochs=None if self.infinite else 1
+            ):
+                tokens.append(self._read(shard, wanted))
+                index.append(int(self.first_index[shard]) + wanted.astype(np.int64))
+                held += len(wanted)
+                if held < SAMPLES_PER_MESSAGE:
+                    continue
+                all_tokens, all_index = np.concatenate(tokens), np.concatenate(index)
+                sent = held - held % SAMPLES_PER_MESSAGE
+                for a in range(0, sent, SAMPLES_PER_MESSAGE):
+                    b = a + SAMPLES_PER_MESSAGE
+                    yield {"slot": slot, "tokens": all_tokens[a:b], "index": all_index[a:b]}
+                tokens, index, held = [all_tokens[sent:]], [all_index[sent:]], held - sent
         except DataError as exc:
-            yield {"error": str(exc)}
+            end = {"slot": slot, "error": str(exc)}
+        if held:
+            yield {"slot": slot, "tokens": np.concatenate(tokens), "index": np.concatenate(index)}
+        yield end
 
 
 def _as_is(item: dict) -> dict:
-    """DataLoader ``collate_fn``: pass samples through as numpy (pickled through a pipe, which
-    costs far less per sample than a torch tensor in shared memory)."""
+    """DataLoader ``collate_fn``: pass messages through as numpy (pickled through a pipe, which
+    costs far less than a torch tensor in shared memory)."""
     return item
 
 
@@ -204,17 +222,50 @@ class TokenShardLoader:
             raise TypeError("an infinite (training) loader has no length")
         return -(-self.num_samples // self.micro_batch_size)
 
-    def _batch(self, items: list[dict]) -> dict:
+    def _in_order(self, messages: Iterator[dict]) -> Iterator[tuple[int, dict, int]]:
+        """``(slot, message, row)`` for each sample, in the order of one sample per fetch:
+        round-robin over the slots from ``self._next_slot`` on, skipping slots that have ended
+        (as torch's DataLoader skips exhausted workers). Messages of other slots that arrive
+        while one is awaited are held until their turn."""
+        slots = len(self._schedules)
+        pending: list[deque] = [deque() for _ in range(slots)]
+        row = [0] * slots
+        ended = [False] * slots
+        slot = self._next_slot
+        while not all(ended):
+            queue = pending[slot]
+            while not queue:
+                message = next(messages)
+                pending[message["slot"]].append(message)
+            message = queue[0]
+            if "error" in message:
+                raise DataError(message["error"])
+            if "end" in message:
+                ended[slot] = True
+            else:
+                yield slot, message, row[slot]
+                row[slot] += 1
+                if row[slot] == len(message["index"]):
+                    queue.popleft()
+                    row[slot] = 0
+            for _ in range(slots):
+                slot = (slot + 1) % slots
+                if not ended[slot]:
+                    break
+
+    def _batch(self, items: list[tuple[int, dict, int]]) -> dict:
         """Collate and count the samples as handed out (this is all the state there is)."""
-        for item in items:
-            self._consumed[item["slot"]] += 1
-            self._next_slot = (item["slot"] + 1) % len(self._schedules)
+        for slot, _, _ in items:
+            self._consumed[slot] += 1
+        self._next_slot = (items[-1][0] + 1) % len(self._schedules)
         self._batches += 1
         return {
             "tokens": torch.from_numpy(
-                np.stack([item["tokens"] for item in items]).astype(np.int64)
+                np.stack([message["tokens"][row] for _, message, row in items]).astype(np.int64)
             ),
-            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+            "index": torch.tensor(
+                [int(message["index"][row]) for _, message, row in items], dtype=torch.long
+            ),
         }
 
     def __iter__(self) -> Iterator[dict]:
@@ -232,13 +283,10 @@ class TokenShardLoader:
             batch_size=None,
             collate_fn=_as_is,
             num_workers=self.num_workers,
-            prefetch_factor=max(2, self.micro_batch_size) if self.num_workers else None,
             worker_init_fn=_init_worker,
         )
-        items: list[dict] = []
-        for item in loader:
-            if "error" in item:
-                raise DataError(item["error"])
+        items: list[tuple[int, dict, int]] = []
+        for item in self._in_order(iter(loader)):
             items.append(item)
             if len(items) == self.micro_batch_size:
                 yield self._batch(items)

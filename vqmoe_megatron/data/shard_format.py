@@ -124,6 +124,16 @@ def _damaged(path: str, detail: str) -> DataError:
     )
 
 
+def _open(store: ShardStore, name: str):
+    try:
+        return store.open(name)
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise DataError(
+            f"shard {store.describe(name)} is missing; re-run data_tools/shard.py with the same "
+            "arguments to rebuild it"
+        ) from exc
+
+
 def iter_shard(
     store: ShardStore,
     name: str,
@@ -135,25 +145,20 @@ def iter_shard(
     vocab_size: int,
     sha256: Optional[str] = None,
     keep: Optional[Container[int]] = None,
+    content: Optional[bytes] = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(sample_index, ids [seq_length + 1])`` for every member of shard ``name`` of
-    ``store``, in order, or only for the members whose position in the shard is in ``keep``.
+    ``store``, in order, or only for the members whose position in the shard is in ``keep``
+    (from ``content`` instead of the store when the file was read already).
 
     Checks member names and the sample count; decodes and checks array shape, dtype and id
     range of the members it yields; with ``sha256`` also the file's checksum (checked after the
     last sample, before the generator finishes).
     """
     path = store.describe(name)
-    try:
-        raw = store.open(name)
-    except (FileNotFoundError, IsADirectoryError) as exc:
-        raise DataError(
-            f"shard {path} is missing; re-run data_tools/shard.py with the same arguments to "
-            "rebuild it"
-        ) from exc
     expected_dtype = np.dtype(dtype).newbyteorder("<")
     count = 0
-    with raw:
+    with _open(store, name) if content is None else io.BytesIO(content) as raw:
         reader = _HashingReader(raw)
         try:
             for member in tar_file_iterator(reader):
@@ -184,3 +189,85 @@ def iter_shard(
             raise _damaged(path, f"it holds {count} samples, the manifest says {samples}")
         if sha256 is not None and reader.drain() != sha256:
             raise _damaged(path, "its sha256 differs from the one in manifest.json")
+
+
+def _canonical_samples(
+    data: np.ndarray, first_index: int, samples: int, sample_length: int, dtype: str
+) -> Optional[np.ndarray]:
+    """The samples [samples, sample_length] of the tar bytes ``data`` if they are exactly what
+    :func:`shard_tar` writes for them (every shard.py shard is), else None. Compared in blocks
+    of members, so that the check holds at most one block more than the file in memory."""
+    member = member_bytes(sample_length, dtype)
+    end = samples * member + 2 * _TAR_BLOCK
+    if samples == 0 or len(data) != end + -end % tarfile.RECORDSIZE:
+        return None
+    start = _TAR_BLOCK + len(_npy_header(sample_length, dtype))
+    width = sample_length * np.dtype(dtype).itemsize
+    members = data[: samples * member].reshape(samples, member)
+    tokens = np.ascontiguousarray(members[:, start : start + width])
+    tokens = tokens.view(np.dtype(dtype).newbyteorder("<")).reshape(samples, sample_length)
+    block = max(1, (4 << 20) // member)
+    for a in range(0, samples, block):
+        b = min(samples, a + block)
+        expected = np.frombuffer(shard_tar(tokens[a:b], first_index + a), np.uint8)
+        if not np.array_equal(expected[: (b - a) * member], data[a * member : b * member]):
+            return None
+    if data[samples * member :].any():
+        return None
+    return tokens
+
+
+def read_shard(
+    store: ShardStore,
+    name: str,
+    *,
+    first_index: int,
+    samples: int,
+    sample_length: int,
+    dtype: str,
+    vocab_size: int,
+    sha256: Optional[str] = None,
+    rows: np.ndarray,
+) -> np.ndarray:
+    """The samples at positions ``rows`` [k] of shard ``name`` of ``store``, in that order:
+    [k, sample_length], with the checks of :func:`iter_shard`.
+
+    The file is read whole. Laid out exactly as :func:`shard_tar` writes it (re-encoding the
+    decoded samples gives the same bytes), it is decoded as one array instead of member by
+    member; any other file is read by :func:`iter_shard`'s reader, which names what is wrong.
+    """
+    path = store.describe(name)
+    with _open(store, name) as raw:
+        try:
+            content = raw.read()
+        except OSError as exc:
+            raise _damaged(path, str(exc)) from exc
+    if sha256 is not None and hashlib.sha256(content).hexdigest() != sha256:
+        tokens = None  # the member-by-member reader reports the first damage it meets
+    else:
+        data = np.frombuffer(content, np.uint8)
+        tokens = _canonical_samples(data, first_index, samples, sample_length, dtype)
+    if tokens is None:
+        position = {int(local): k for k, local in enumerate(rows.tolist())}
+        out = np.empty((len(rows), sample_length), np.dtype(dtype).newbyteorder("<"))
+        for index, array in iter_shard(
+            store,
+            name,
+            first_index=first_index,
+            samples=samples,
+            sample_length=sample_length,
+            dtype=dtype,
+            vocab_size=vocab_size,
+            sha256=sha256,
+            keep=position,
+            content=content,
+        ):
+            out[position[index - first_index]] = array
+        return out
+    picked = tokens[rows]
+    if len(rows) and int(picked.max()) >= vocab_size:
+        bad = int(rows[picked.max(axis=1) >= vocab_size].min())
+        raise _damaged(
+            path, f"{member_name(first_index + bad)} holds ids >= vocab size {vocab_size}"
+        )
+    return picked
