@@ -1,6 +1,6 @@
 """vqmoe-evaluate: the rolling text windows equal lm-evaluation-harness' own, held-out shards and
 text files give consistent loss / perplexity / bits per byte with routing statistics in both
-routing modes, and evaluation at EP = 2 (uneven data-parallel split) or TP = 2 equals one
+routing modes and for the baseline routers, and evaluation at EP = 2 (uneven data-parallel split) or TP = 2 equals one
 process."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import math
 import pytest
 from convert_helpers import assert_one_error_line, cli, other_tokenizer, run_of, shards
 from data_helpers import FIXTURE, shard_settings
+from pretrain_helpers import trained_run
 
 from vqmoe_megatron.data.sharding import build_shards
 from vqmoe_megatron.evaluate import rolling_windows, window_batches
@@ -96,3 +97,28 @@ def test_evaluate_refuses_data_of_another_vocabulary(tmp_path_factory, tmp_path)
     build_shards(settings, progress=False, log=lambda _: None)
     proc = cli("vqmoe_megatron.evaluate", "--checkpoint", run, "--data-dir", other, check=False)
     assert_one_error_line(proc, "vocab_size", "384", "400")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", ["topk", "hash"])
+def test_evaluate_reports_routing_of_baseline_routers(tmp_path_factory, tmp_path, router):
+    """Every router's layers report their tokens, expert load, imbalance and dead experts (the
+    top-k baseline used to show 0 tokens); only routers with scores report their entropy, and
+    codebook columns appear only where a codebook exists."""
+    run = trained_run(
+        tmp_path_factory, f"router_{router}", shards(tmp_path_factory), f"moe.router={router}"
+    )
+    result, stdout = _evaluate(tmp_path, router, "--checkpoint", run, "--text", *TEXTS)
+    vqmoe, _ = _evaluate(
+        tmp_path, "vqmoe", "--checkpoint", run_of(tmp_path_factory, "ep1_zero1"), "--text", *TEXTS
+    )
+    assert sorted(result["layers"]) == ["1", "2"]
+    for stats in result["layers"].values():
+        # every non-padding input token is routed, scored or context: as many as VQMoE routes
+        assert stats["tokens"] == vqmoe["layers"]["1"]["tokens"] >= result["tokens"]
+        assert stats["rows_per_token"] == pytest.approx(1.0)  # tiny.yaml: top-1
+        assert sum(stats["expert_load"]) == pytest.approx(1.0)
+        assert stats["imbalance"] >= 1.0 and 0 <= stats["dead_experts"] < 4
+        assert ("router_entropy" in stats) == (router == "topk")
+        assert "code_perplexity" not in stats and "agreement" not in stats
+    assert "dead exp" in stdout

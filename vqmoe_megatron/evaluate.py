@@ -42,6 +42,7 @@ ROUTING_COLUMNS = (
     ("tokens", "tokens", "{:.0f}"),
     ("rows/token", "rows_per_token", "{:.3f}"),
     ("imbalance", "imbalance", "{:.3f}"),
+    ("dead exp", "dead_experts", "{:.0f}"),
     ("code ppl", "code_perplexity", "{:.2f}"),
     ("dead", "dead_codes", "{:.0f}"),
     ("router H", "router_entropy", "{:.3f}"),
