@@ -122,3 +122,38 @@ def test_evaluate_reports_routing_of_baseline_routers(tmp_path_factory, tmp_path
         assert ("router_entropy" in stats) == (router == "topk")
         assert "code_perplexity" not in stats and "agreement" not in stats
     assert "dead exp" in stdout
+
+
+@pytest.mark.slow
+def test_routing_fluctuation_between_checkpoints(tmp_path_factory, tmp_path):
+    """Consecutive checkpoints of a run each give a share in [0, 1] per layer; a checkpoint
+    against itself gives 0; a given pair gives what the consecutive table says for it."""
+    run = trained_run(
+        tmp_path_factory,
+        "saved_every_step",
+        shards(tmp_path_factory),
+        "train.save_interval=1",
+        "train.keep_last=3",
+    )
+    data = ("--text", *TEXTS, "--max-batches", "2")
+    table, stdout = _evaluate(tmp_path, "run", "--checkpoint", run, "--fluctuation", *data)
+    pairs = table["fluctuation"]
+    assert [p["after"].split("step_")[-1][:8] for p in pairs] == ["00000002", "00000003"]
+    for pair in pairs:
+        assert sorted(pair["layers"]) == ["1", "2"] and pair["tokens"] > 0
+        assert all(0 <= share <= 1 for share in pair["layers"].values())
+        assert pair["overall"] == pytest.approx(sum(pair["layers"].values()) / 2)
+    assert "overall" in stdout and "layer1" in stdout
+    steps = run / "checkpoints"
+    one, _ = _evaluate(
+        tmp_path,
+        "pair",
+        "--checkpoint",
+        steps / "step_00000002",
+        "--fluctuation",
+        steps / "step_00000002",
+        steps / "step_00000003",
+        *data,
+    )
+    assert one["fluctuation"][0]["overall"] == 0.0
+    assert one["fluctuation"][1]["layers"] == pairs[1]["layers"]
