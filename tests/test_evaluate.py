@@ -157,3 +157,39 @@ def test_routing_fluctuation_between_checkpoints(tmp_path_factory, tmp_path):
     )
     assert one["fluctuation"][0]["overall"] == 0.0
     assert one["fluctuation"][1]["layers"] == pairs[1]["layers"]
+
+
+def test_fluctuation_pairs_consecutive_complete_checkpoints(tmp_path):
+    from vqmoe_megatron.checkpoint.training import COMPLETE
+    from vqmoe_megatron.evaluate import _checkpoint_pairs, _parser
+
+    steps = tmp_path / "run" / "checkpoints"
+    for step, complete in ((10, True), (2, True), (30, False), (20, True)):
+        (steps / f"step_{step:08d}").mkdir(parents=True)
+        if complete:
+            (steps / f"step_{step:08d}" / COMPLETE).touch()
+    args = _parser().parse_args(
+        ["--checkpoint", str(tmp_path / "run"), "--fluctuation", "--text", "x"]
+    )
+    names = [(a.name, b.name) for a, b in _checkpoint_pairs(args)]
+    assert names == [("step_00000002", "step_00000010"), ("step_00000010", "step_00000020")]
+    args.checkpoint = steps / "step_00000002"
+    with pytest.raises(ValueError, match="at least two complete checkpoints"):
+        _checkpoint_pairs(args)
+    args.fluctuation = [steps / "step_00000010"]
+    assert _checkpoint_pairs(args) == [(steps / "step_00000002", steps / "step_00000010")]
+
+
+def test_fluctuation_refuses_several_processes(tmp_path):
+    proc = cli(
+        "vqmoe_megatron.evaluate",
+        "--checkpoint",
+        tmp_path,
+        "--fluctuation",
+        "--text",
+        TEXTS[0],
+        "--expert-parallel",
+        "2",
+        check=False,
+    )
+    assert_one_error_line(proc, "--fluctuation runs in one process")
