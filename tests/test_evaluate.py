@@ -1,6 +1,6 @@
 """vqmoe-evaluate: the rolling text windows equal lm-evaluation-harness' own, held-out shards and
 text files give consistent loss / perplexity / bits per byte with routing statistics in both
-routing modes, and evaluation at EP = 2 (uneven data-parallel split) or TP = 2 equals one
+routing modes and for the baseline routers, and evaluation at EP = 2 (uneven data-parallel split) or TP = 2 equals one
 process."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import math
 import pytest
 from convert_helpers import assert_one_error_line, cli, other_tokenizer, run_of, shards
 from data_helpers import FIXTURE, shard_settings
+from pretrain_helpers import trained_run
 
 from vqmoe_megatron.data.sharding import build_shards
 from vqmoe_megatron.evaluate import rolling_windows, window_batches
@@ -96,3 +97,99 @@ def test_evaluate_refuses_data_of_another_vocabulary(tmp_path_factory, tmp_path)
     build_shards(settings, progress=False, log=lambda _: None)
     proc = cli("vqmoe_megatron.evaluate", "--checkpoint", run, "--data-dir", other, check=False)
     assert_one_error_line(proc, "vocab_size", "384", "400")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", ["topk", "hash"])
+def test_evaluate_reports_routing_of_baseline_routers(tmp_path_factory, tmp_path, router):
+    """Every router's layers report their tokens, expert load, imbalance and dead experts (the
+    top-k baseline used to show 0 tokens); only routers with scores report their entropy, and
+    codebook columns appear only where a codebook exists."""
+    run = trained_run(
+        tmp_path_factory, f"router_{router}", shards(tmp_path_factory), f"moe.router={router}"
+    )
+    result, stdout = _evaluate(tmp_path, router, "--checkpoint", run, "--text", *TEXTS)
+    vqmoe, _ = _evaluate(
+        tmp_path, "vqmoe", "--checkpoint", run_of(tmp_path_factory, "ep1_zero1"), "--text", *TEXTS
+    )
+    assert sorted(result["layers"]) == ["1", "2"]
+    for stats in result["layers"].values():
+        # every non-padding input token is routed, scored or context: as many as VQMoE routes
+        assert stats["tokens"] == vqmoe["layers"]["1"]["tokens"] >= result["tokens"]
+        assert stats["rows_per_token"] == pytest.approx(1.0)  # tiny.yaml: top-1
+        assert sum(stats["expert_load"]) == pytest.approx(1.0)
+        assert stats["imbalance"] >= 1.0 and 0 <= stats["dead_experts"] < 4
+        assert ("router_entropy" in stats) == (router == "topk")
+        assert "code_perplexity" not in stats and "agreement" not in stats
+    assert "dead exp" in stdout
+
+
+@pytest.mark.slow
+def test_routing_fluctuation_between_checkpoints(tmp_path_factory, tmp_path):
+    """Consecutive checkpoints of a run each give a share in [0, 1] per layer; a checkpoint
+    against itself gives 0; a given pair gives what the consecutive table says for it."""
+    run = trained_run(
+        tmp_path_factory,
+        "saved_every_step",
+        shards(tmp_path_factory),
+        "train.save_interval=1",
+        "train.keep_last=3",
+    )
+    data = ("--text", *TEXTS, "--max-batches", "2")
+    table, stdout = _evaluate(tmp_path, "run", "--checkpoint", run, "--fluctuation", *data)
+    pairs = table["fluctuation"]
+    assert [p["after"].split("step_")[-1][:8] for p in pairs] == ["00000002", "00000003"]
+    for pair in pairs:
+        assert sorted(pair["layers"]) == ["1", "2"] and pair["tokens"] > 0
+        assert all(0 <= share <= 1 for share in pair["layers"].values())
+        assert pair["overall"] == pytest.approx(sum(pair["layers"].values()) / 2)
+    assert "overall" in stdout and "layer1" in stdout
+    steps = run / "checkpoints"
+    one, _ = _evaluate(
+        tmp_path,
+        "pair",
+        "--checkpoint",
+        steps / "step_00000002",
+        "--fluctuation",
+        steps / "step_00000002",
+        steps / "step_00000003",
+        *data,
+    )
+    assert one["fluctuation"][0]["overall"] == 0.0
+    assert one["fluctuation"][1]["layers"] == pairs[1]["layers"]
+
+
+def test_fluctuation_pairs_consecutive_complete_checkpoints(tmp_path):
+    from vqmoe_megatron.checkpoint.training import COMPLETE
+    from vqmoe_megatron.evaluate import _checkpoint_pairs, _parser
+
+    steps = tmp_path / "run" / "checkpoints"
+    for step, complete in ((10, True), (2, True), (30, False), (20, True)):
+        (steps / f"step_{step:08d}").mkdir(parents=True)
+        if complete:
+            (steps / f"step_{step:08d}" / COMPLETE).touch()
+    args = _parser().parse_args(
+        ["--checkpoint", str(tmp_path / "run"), "--fluctuation", "--text", "x"]
+    )
+    names = [(a.name, b.name) for a, b in _checkpoint_pairs(args)]
+    assert names == [("step_00000002", "step_00000010"), ("step_00000010", "step_00000020")]
+    args.checkpoint = steps / "step_00000002"
+    with pytest.raises(ValueError, match="at least two complete checkpoints"):
+        _checkpoint_pairs(args)
+    args.fluctuation = [steps / "step_00000010"]
+    assert _checkpoint_pairs(args) == [(steps / "step_00000002", steps / "step_00000010")]
+
+
+def test_fluctuation_refuses_several_processes(tmp_path):
+    proc = cli(
+        "vqmoe_megatron.evaluate",
+        "--checkpoint",
+        tmp_path,
+        "--fluctuation",
+        "--text",
+        TEXTS[0],
+        "--expert-parallel",
+        "2",
+        check=False,
+    )
+    assert_one_error_line(proc, "--fluctuation runs in one process")

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from moe_helpers import (
+    baseline_settings,
     build_moe_layer,
     expert_weights,
     init_single_process,
@@ -158,7 +159,6 @@ def _compare(layer, moe, naive, shape, training=True, seed=0):
             expected = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
             got = param.grad if param.grad is not None else torch.zeros_like(param)
             torch.testing.assert_close(got, expected, **TOL, msg=name)
-    metrics.reset()
 
 
 @pytest.mark.parametrize(
@@ -266,3 +266,41 @@ def test_model_size_counts_every_router_parameter(router, extra):
     moe = moe_variant(router=router, **extra)
     gpt = build_model(TINY_MODEL, moe, ParallelConfig(), seed=1)
     assert model_size(TINY_MODEL, moe).total == sum(p.numel() for p in gpt.parameters())
+
+
+@pytest.mark.parametrize("router", ["topk", "xmoe", "hash", "smoe_dropout", "stablemoe"])
+def test_every_router_records_its_routing_metrics(router):
+    """Tokens, expert load, dead experts and imbalance equal the counts of the router's own
+    routing map; every router with scores records their entropy (hash has none)."""
+    moe = moe_variant(topk=2 if router in ("topk", "hash") else 1, **baseline_settings(router))
+    layer = build_moe_layer(moe).eval()
+    x = torch.randn(5, 3, layer.config.hidden_size)
+    if hasattr(layer.router, "set_token_ids"):
+        layer.router.set_token_ids(torch.randint(0, VOCAB, (3, 5)))
+    collector = layer.router.routing_metrics
+    with torch.no_grad(), collector.paused():
+        _, routing_map = layer.router(x)
+    with torch.no_grad():
+        layer(x)
+    stats = collector.summarize()[layer.router.layer_number]
+    rows = routing_map.sum(dim=0).double()
+    assert stats["tokens"] == 15
+    assert stats["rows_per_token"] == pytest.approx(rows.sum().item() / 15)
+    assert stats["expert_load"] == pytest.approx((rows / rows.sum()).tolist())
+    assert stats["dead_experts"] == (rows == 0).sum().item()
+    assert stats["imbalance"] == pytest.approx((rows.max() / rows.mean()).item())
+    if router == "hash":
+        assert "router_entropy" not in stats
+    else:
+        assert 0 <= stats["router_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
+
+
+def test_recorded_assignment_excludes_padding():
+    collector = metrics.RoutingMetrics()
+    routing_map = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.bool)
+    padding = torch.tensor([[False, False], [True, False]])  # [S=2, B=2]: token 2 is padding
+    metrics.record_assignment(collector, 1, routing_map, padding)
+    stats = collector.summarize()[1]
+    assert stats["tokens"] == 3
+    assert stats["expert_load"] == pytest.approx([1 / 3, 1 / 3, 1 / 3])
+    assert stats["dead_experts"] == 0

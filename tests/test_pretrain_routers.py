@@ -1,6 +1,7 @@
 """Tiny pretraining runs of the real CLI with every baseline router (CPU, one process).
 
-Each router trains a few steps and writes a checkpoint; the presets write what they mean into
+Each router trains a few steps, logs its per-layer routing diagnostics every log step and writes
+a checkpoint; the presets write what they mean into
 config.yaml; StableMoE's stage switch (after ``moe.stablemoe_stage1_steps``) falls between a
 stop and its resume, and the resumed run repeats the uninterrupted one's losses exactly.
 """
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 from data_helpers import tiny_shards
-from pretrain_helpers import losses, pretrain
+from pretrain_helpers import losses, pretrain, records
+
 from vqmoe_megatron.checkpoint.training import find_latest
 
 pytestmark = pytest.mark.slow
@@ -52,6 +54,14 @@ def test_tiny_run_per_router(shards, tmp_path, router, expected):
         assert saved["moe"][key] == value, key
     if router == "dense":
         assert saved["model"]["ffn_hidden_size"] == 2 * saved["moe"]["expert_ffn_hidden_size"]
+        return
+    for record in records(out):  # every log step: each MoE layer's routing diagnostics
+        for layer in (1, 2):
+            assert record[f"layer{layer}/tokens"] > 0
+            assert sum(record[f"layer{layer}/expert_load"]) == pytest.approx(1.0)
+            assert record[f"layer{layer}/imbalance"] >= 1.0
+            assert 0 <= record[f"layer{layer}/dead_experts"] < saved["moe"]["num_experts"]
+            assert (f"layer{layer}/router_entropy" in record) == (router != "hash")
 
 
 def test_stablemoe_stage_switch_survives_resume(shards, tmp_path):

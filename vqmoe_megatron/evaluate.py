@@ -3,6 +3,8 @@ of a checkpoint, with per-layer routing statistics, in either routing mode.
 
     vqmoe-evaluate --checkpoint RUN --data-dir SHARDS [SHARDS ...] [--split valid]
     vqmoe-evaluate --checkpoint RUN --text a.txt b.txt [--tokenizer tokenizer.model]
+    vqmoe-evaluate --checkpoint CKPT_A --fluctuation CKPT_B [...] --data-dir SHARDS
+    vqmoe-evaluate --checkpoint RUN --fluctuation --text a.txt   (consecutive checkpoints)
     torchrun --nproc_per_node N -m vqmoe_megatron.evaluate ... --tensor-parallel T --expert-parallel E
 
 Held-out shards are scored as in training: every target of every packed sample, padding
@@ -18,6 +20,11 @@ separator of the training data); the tokens are scored in consecutive chunks of 
 each predicted from the ``seq_length`` tokens before its last one (the first chunk from EOS and
 the chunk itself, the last, shorter chunk with the preceding tokens as extra context). Bits per
 byte = total NLL / ln 2 / UTF-8 bytes of the files.
+
+``--fluctuation`` reports routing fluctuation (:mod:`vqmoe_megatron.moe.fluctuation`) instead:
+the share of the held-out tokens (the first ``--max-batches`` batches of the first data
+source, padding excluded) whose top-1 expert differs between two checkpoints, per MoE layer and
+overall; each checkpoint routes in ``--routing`` (default: its own mode).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ if __name__ == "__main__":
 
 import argparse
 import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional
@@ -42,6 +50,7 @@ ROUTING_COLUMNS = (
     ("tokens", "tokens", "{:.0f}"),
     ("rows/token", "rows_per_token", "{:.3f}"),
     ("imbalance", "imbalance", "{:.3f}"),
+    ("dead exp", "dead_experts", "{:.0f}"),
     ("code ppl", "code_perplexity", "{:.2f}"),
     ("dead", "dead_codes", "{:.0f}"),
     ("router H", "router_entropy", "{:.3f}"),
@@ -106,6 +115,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tensor-parallel", type=int, default=1)
     parser.add_argument("--expert-parallel", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument(
+        "--fluctuation",
+        type=Path,
+        nargs="*",
+        default=None,
+        metavar="CKPT",
+        help="routing fluctuation instead of loss: the share of the held-out tokens whose top-1 "
+        "expert differs between --checkpoint and CKPT, or, with no CKPT, between consecutive "
+        "checkpoints of the run --checkpoint (one process)",
+    )
     return parser
 
 
@@ -208,6 +227,81 @@ def evaluate(args: argparse.Namespace) -> dict:
     return {**run, **results[0]} if len(results) == 1 else {**run, "sources": results}
 
 
+def _checkpoint_pairs(args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    """The (before, after) checkpoints of ``--fluctuation``: the two given, or every pair of
+    consecutive complete ``step_*`` checkpoints of the run (or checkpoints directory) given."""
+    from vqmoe_megatron.checkpoint.training import complete_checkpoints
+
+    if args.fluctuation:
+        return [(args.checkpoint, after) for after in args.fluctuation]
+    root = args.checkpoint / "checkpoints"
+    root = root if root.is_dir() else args.checkpoint
+    steps = complete_checkpoints(root) if root.is_dir() else []
+    if len(steps) < 2:
+        raise ValueError(
+            f"--fluctuation without CKPT needs a run with at least two complete checkpoints; "
+            f"{args.checkpoint} has {len(steps)} (or give --fluctuation CKPT)"
+        )
+    return list(zip(steps[:-1], steps[1:]))
+
+
+def evaluate_fluctuation(args: argparse.Namespace) -> dict:
+    """Routing fluctuation between checkpoint pairs on one fixed held-out token set (the first
+    ``--max-batches`` batches of the data, padding excluded); one process."""
+    import itertools
+
+    from vqmoe_megatron.convert.source import load_model, open_source, with_layout
+    from vqmoe_megatron.distributed import init_distributed
+    from vqmoe_megatron.moe.fluctuation import Top1Recorder, count_changes, fluctuation
+
+    pairs = _checkpoint_pairs(args)
+    init_distributed(1, 1)
+    first = open_source(pairs[0][0], args.tokenizer, require_tokenizer=args.text is not None)
+    if args.text is not None:
+        batches, pad_id, _ = _text_batches(args, first, 0, 1)
+        data = [str(p) for p in args.text]
+    else:
+        cfg = with_layout(first.cfg, 1, 1, args.routing)
+        batches, pad_id, _ = _shard_batches(args.data_dir[0], args, cfg, 0, 1)
+        data = f"{args.data_dir[0]}:{args.split}"
+    tokens = [b["tokens"][:, :-1] for b in itertools.islice(batches, args.max_batches)]
+    records: dict[Path, dict] = {}
+
+    def top1(path: Path) -> dict:
+        if path not in records:
+            source = open_source(path)
+            cfg = with_layout(source.cfg, 1, 1, args.routing or source.cfg.moe.routing_mode)
+            gpt = load_model(source, cfg)
+            device = next(gpt.parameters()).device
+            with torch.no_grad(), Top1Recorder(gpt) as recorder:
+                for inputs in tokens:
+                    recorder.mark_padding((inputs == pad_id).t())
+                    gpt(inputs.to(device), None, None)
+            records[path] = {"checkpoint": source.description, "top1": recorder.assignments()}
+        return records[path]
+
+    results = []
+    for before, after in pairs:
+        a, b = top1(before), top1(after)
+        shares = fluctuation(count_changes(a["top1"], b["top1"]))
+        results.append({"before": a["checkpoint"], "after": b["checkpoint"], **shares})
+    return {"data": data, "routing": args.routing, "fluctuation": results}
+
+
+def format_fluctuation(result: dict) -> str:
+    """One line per checkpoint pair: overall and per-layer fluctuation."""
+    lines = [
+        f"routing fluctuation on {result['data']} (share of tokens whose top-1 expert changes)"
+    ]
+    for pair in result["fluctuation"]:
+        layers = " ".join(f"layer{k} {v:.4f}" for k, v in sorted(pair["layers"].items()))
+        lines.append(
+            f"{pair['before']} -> {pair['after']}: overall {pair['overall']:.4f} | {layers} | "
+            f"tokens {pair['tokens']}"
+        )
+    return "\n".join(lines)
+
+
 def format_result(result: dict) -> str:
     """The headline numbers and a per-layer routing table (per source, for several)."""
     if "sources" in result:
@@ -244,15 +338,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from vqmoe_megatron.data import DataError
     from vqmoe_megatron.distributed import destroy_distributed
 
+    fluctuating = args.fluctuation is not None
+    if fluctuating and (
+        max(args.tensor_parallel, args.expert_parallel) > 1
+        or int(os.environ.get("WORLD_SIZE", 1)) > 1
+    ):
+        return fail("--fluctuation runs in one process: drop torchrun and the parallel sizes")
     try:
-        result = evaluate(args)
+        result = evaluate_fluctuation(args) if fluctuating else evaluate(args)
         rank = torch.distributed.get_rank()
     except (CheckpointError, ConfigError, DataError, ValueError) as exc:
         return fail(str(exc))
     finally:
         destroy_distributed()
     if rank == 0:
-        print(format_result(result))
+        print(format_fluctuation(result) if fluctuating else format_result(result))
         if args.json is not None:
             try:
                 args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

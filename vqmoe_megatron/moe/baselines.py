@@ -36,6 +36,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, ProcessGroupCollection
 from torch import nn
 
+from vqmoe_megatron.moe.metrics import RoutingMetrics, record_entropy
 from vqmoe_megatron.moe.router import (
     ContinuousRouter,
     StepRouting,
@@ -169,6 +170,8 @@ class _TokenIdRouter(TokenIdRouting, StepRouting, MegatronModule):
         self.layer_number: Optional[int] = None
         self.tp_group = pg_collection.tp
         self.tp_cp_group = pg_collection.tp_cp
+        self.routing_metrics = RoutingMetrics()
+        """Where the routing metrics go (``moe.metrics``); the owning model replaces it."""
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
@@ -236,8 +239,10 @@ class StableMoERouter(_TokenIdRouter):
         student = self.distill_embedding[ids].to(dtype) @ self.distill_centroids.to(dtype).t()
         learning = self.training and self.stage == 1
         with torch.no_grad():
-            teacher = (x @ centroids.t()).argmax(dim=1) if learning else None
-            experts = teacher if learning else student.argmax(dim=1)
+            scores = x @ centroids.t() if learning else student
+            record_entropy(self.routing_metrics, self.layer_number, scores, padding_mask)
+            teacher = scores.argmax(dim=1) if learning else None
+            experts = scores.argmax(dim=1)
         alpha = torch.sigmoid((x * centroids[experts]).sum(dim=-1))
         probs, routing_map = _one_hot_plan(experts[:, None], alpha[:, None], self.num_experts)
         if learning and torch.is_grad_enabled():

@@ -22,6 +22,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_de
 
 from vqmoe_megatron.moe.dispatcher import COUNT_ROWS, PortableAlltoAllTokenDispatcher
 from vqmoe_megatron.moe.experts import GroupedGemmExperts
+from vqmoe_megatron.moe.metrics import record_assignment
 from vqmoe_megatron.moe.router import VQMoERouter
 from vqmoe_megatron.moe.transformer_config import VQMoETransformerConfig
 from vqmoe_megatron.moe.vq import CodeRestart
@@ -120,9 +121,13 @@ class PortableMoELayer(MoELayer):
         self.router.begin_step(step)
 
     def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """megatron's route; tells the all-to-all dispatcher the rows of a dropless map
-        (``tokens * router.topk``: the router's k may change with the step or the mode)."""
+        """megatron's route; records the tokens and expert rows for the routing metrics and
+        tells the all-to-all dispatcher the rows of a dropless map (``tokens * router.topk``:
+        the router's k may change with the step or the mode). ``padding_mask`` [S, B]."""
         probs, routing_map = super().route(hidden_states, padding_mask)
+        record_assignment(
+            self.router.routing_metrics, self.router.layer_number, routing_map, padding_mask
+        )
         if (
             isinstance(self.token_dispatcher, PortableAlltoAllTokenDispatcher)
             and self.config.moe_expert_capacity_factor is None

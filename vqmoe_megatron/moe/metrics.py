@@ -15,7 +15,10 @@ Reported per layer (keys of the returned dicts):
 - ``tokens``: routed tokens; ``rows_per_token``: expert rows per token (1 discrete, ~2 pretrain);
 - ``imbalance``: max / mean rows per expert (1.0 is perfectly balanced);
 - ``expert_load``: each expert's share of the rows (a list; sums to 1);
-- ``router_entropy``: mean entropy (nats) of the router's softmax over all experts;
+- ``dead_experts``: experts that received no row in the window;
+- ``router_entropy``: mean entropy (nats) of the router's softmax over all experts (routers
+  with logits: vqmoe's continuous router, topk, xmoe, smoe_dropout, and stablemoe's routing
+  scores of its current stage; not hash, whose table has no scores);
 - ``code_perplexity``: exp(entropy of code usage); ``K`` when all codes are used uniformly;
 - ``dead_codes``: codes with no token in the window;
 - ``agreement``: fraction of tokens whose router top-1 expert is the VQ expert;
@@ -112,6 +115,44 @@ def paused(module: nn.Module) -> Iterator[None]:
         yield
 
 
+@torch.no_grad()
+def record_assignment(
+    metrics: RoutingMetrics,
+    layer: Optional[int],
+    routing_map: torch.Tensor,
+    padding_mask: Optional[torch.Tensor] = None,
+) -> None:
+    """Record the tokens and expert rows of one routing decision of a single-stream router.
+
+    ``routing_map`` [T, E] bool; ``padding_mask`` [S, B] (T = S * B) with True = padding, or
+    None. Padding tokens are not counted.
+    """
+    if layer is None or not metrics.enabled:
+        return
+    if padding_mask is not None:
+        routing_map = routing_map[~padding_mask.reshape(-1)]
+    metrics.record(layer, "tokens", torch.tensor(routing_map.shape[0], device=routing_map.device))
+    metrics.record(layer, "expert_rows", routing_map.sum(dim=0))
+
+
+@torch.no_grad()
+def record_entropy(
+    metrics: RoutingMetrics,
+    layer: Optional[int],
+    logits: torch.Tensor,
+    padding_mask: Optional[torch.Tensor] = None,
+) -> None:
+    """Add the entropy (nats) of ``softmax(logits)`` [..., E] of every non-padding token
+    (``padding_mask`` True = padding, same leading shape) to ``router_entropy_sum``."""
+    if layer is None or not metrics.enabled:
+        return
+    logp = torch.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    if padding_mask is not None:
+        entropy = entropy[~padding_mask.reshape(-1)]
+    metrics.record(layer, "router_entropy_sum", entropy.sum())
+
+
 def _entropy(counts: torch.Tensor) -> float:
     total = counts.sum()
     if total <= 0:
@@ -132,6 +173,7 @@ def _layer_stats(sums: dict[str, torch.Tensor]) -> LayerStats:
         mean = float(rows.mean())
         stats["imbalance"] = float(rows.max()) / mean if mean > 0 else 0.0
         stats["expert_load"] = (rows / rows.sum().clamp(min=1)).tolist()
+        stats["dead_experts"] = float((rows == 0).sum())
     if "code_counts" in s:
         counts = s["code_counts"]
         stats["code_perplexity"] = math.exp(_entropy(counts))

@@ -29,7 +29,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from torch import nn
 
 from vqmoe_megatron.moe.expert_input import expert_input, stacked_streams
-from vqmoe_megatron.moe.metrics import RoutingMetrics
+from vqmoe_megatron.moe.metrics import RoutingMetrics, record_entropy
 from vqmoe_megatron.moe.transformer_config import VQMoETransformerConfig
 from vqmoe_megatron.moe.vq import VectorQuantizer
 
@@ -93,19 +93,10 @@ class ContinuousRouter(StepRouting, TopKRouter):
         return F.linear(input.to(dtype), self.weight.to(dtype), bias)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        if self.routing_metrics.enabled and self.layer_number is not None:
-            self._record_entropy(logits, padding_mask)
+        record_entropy(self.routing_metrics, self.layer_number, logits, padding_mask)
         if self.softmax_over_selected:
             return self._reference_routing(logits.view(-1, logits.shape[-1]))
         return super().routing(logits, padding_mask=padding_mask)
-
-    @torch.no_grad()
-    def _record_entropy(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> None:
-        logp = torch.log_softmax(logits.float().view(-1, logits.shape[-1]), dim=-1)
-        entropy = -(logp.exp() * logp).sum(dim=-1)
-        if padding_mask is not None:
-            entropy = entropy[~padding_mask.reshape(-1)]
-        self.routing_metrics.record(self.layer_number, "router_entropy_sum", entropy.sum())
 
     def _reference_routing(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, E] logits -> (probs, routing_map): softmax over the top-k logits only."""
