@@ -104,6 +104,20 @@ def test_the_name_mapping_inverts_for_swiglu_and_grouped_queries(tmp_path):
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
 
 
+@pytest.mark.parametrize(
+    "router, name",
+    [("vqmoe", "router.continuous.weight"), ("xmoe", "router.weight"), ("hash", "router.table")],
+)
+def test_router_weights_sharing_an_hf_name_come_back_by_the_router(tmp_path, router, name):
+    cfg = PretrainConfig()
+    cfg.moe.router = router
+    tensors = {f"decoder.layers.1.mlp.{name}": torch.arange(6.0).view(2, 3)}
+    back = project_tensors(hf_state_dict(tensors, cfg), cfg, tmp_path)
+    assert list(back) == list(tensors) and torch.equal(
+        back[f"decoder.layers.1.mlp.{name}"], tensors[f"decoder.layers.1.mlp.{name}"]
+    )
+
+
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_the_model_loaded_from_an_export_computes_the_original_logits(exported, routing):
     run, out = exported
