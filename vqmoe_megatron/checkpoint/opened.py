@@ -6,7 +6,10 @@
 * a run directory, its ``checkpoints/`` or a ``checkpoints/step_*`` directory: a training
   checkpoint (the newest complete step, checked intact), of pretraining or of fine-tuning;
 * a consolidated directory (``vqmoe-convert consolidated``, or a fine-tuning run's ``best/``);
-* a Hugging Face export, refused saying what to give instead;
+* a Hugging Face export (``vqmoe-convert hf``): its ``config.json`` read back as the backbone
+  config, its weights through the inverse of the export's name mapping
+  (:mod:`.hf_export`), its ``tokenizer.model``; an export made with ``--routing discrete``
+  opens like a discrete-mode checkpoint;
 
 and answers with a :class:`Checkpoint`: the resolved directory, its kind, the backbone's run
 config, the fine-tuning settings when a fine-tuning run wrote it (its GPT's tensors then sit
@@ -36,6 +39,13 @@ from vqmoe_megatron.checkpoint.consolidated import (
 )
 from vqmoe_megatron.checkpoint.errors import CheckpointError
 from vqmoe_megatron.checkpoint.files import read_json_record
+from vqmoe_megatron.checkpoint.hf_export import (
+    HF_CONFIG,
+    HF_WEIGHTS,
+    IGNORED_BUFFERS,
+    read_hf_config,
+    read_hf_tensors,
+)
 from vqmoe_megatron.checkpoint.training import (
     COMPLETE,
     CheckpointManager,
@@ -57,6 +67,7 @@ from vqmoe_megatron.data import DataError, load_manifest
 
 TRAINING = "training"
 CONSOLIDATED = "consolidated"
+HF = "hf"
 GPT_PREFIX = "gpt."
 """Where a fine-tuning run's checkpoint keeps its GPT's tensors (``SequenceClassifier.gpt``)."""
 
@@ -68,7 +79,7 @@ class Checkpoint:
     path: Path
     """The training step directory or the consolidated directory."""
     kind: str
-    """:data:`TRAINING` or :data:`CONSOLIDATED`."""
+    """:data:`TRAINING`, :data:`CONSOLIDATED` or :data:`HF`."""
     cfg: PretrainConfig
     """The run config of the backbone: a fine-tuning run's ``model``, ``moe``, ``parallel`` and
     ``train`` sections (its ``data`` is the default)."""
@@ -91,7 +102,7 @@ class Checkpoint:
         """The sentencepiece model it was trained with, when that file is there: the
         consolidated copy, the model of the run's data manifest (data.data_dir, or the first of
         data.sources: they share one tokenizer), or the file the checkpoint records."""
-        if self.kind == CONSOLIDATED and (self.path / TOKENIZER).is_file():
+        if self.kind in (CONSOLIDATED, HF) and (self.path / TOKENIZER).is_file():
             return self.path / TOKENIZER
         data = self.cfg.data
         data_dir = data.data_dir or (data.sources[0].path if data.sources else None)
@@ -119,10 +130,24 @@ class Checkpoint:
             load_model_weights(model, self.path, cfg, prefix)
             return
         check_backbone(model_signature(self.cfg), model_signature(cfg), self.path)
+        if self.kind == HF:
+            tensors = {**untrained_statistics(model), **read_hf_tensors(self.path, self.cfg)}
+            load_full_tensors(model, tensors, self.path / HF_WEIGHTS)
+            return
         tensors = read_tensors(self.path)
         if prefix:
             tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         load_full_tensors(model, tensors, self.path / WEIGHTS)
+
+
+def untrained_statistics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The codebook statistics an HF export leaves out (:data:`IGNORED_BUFFERS`), as ``model``
+    has them, but marked initialised: the exported codebook is trained, never re-drawn."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if IGNORED_BUFFERS.search(key):
+            out[key] = torch.zeros_like(value) if key.endswith("needs_data_init") else value
+    return out
 
 
 def read_run_config(file: Path) -> tuple[PretrainConfig, Optional[FinetuneSettings]]:
@@ -161,11 +186,11 @@ def open_checkpoint(path: Union[str, Path]) -> Checkpoint:
     """The intact checkpoint meant by ``path`` (see the module docstring); a damaged one is
     refused naming the file and what to use instead."""
     path = Path(path)
-    if conversion_kind(path) == "hf":
-        raise CheckpointError(
-            f"{path} is a Hugging Face export (load it with transformers); give the training "
-            "checkpoint it came from or a consolidated directory"
-        )
+    if conversion_kind(path) == HF or (path / HF_CONFIG).is_file():
+        cfg = read_hf_config(path)
+        if not (path / HF_WEIGHTS).is_file():
+            raise CheckpointError(f"{path / HF_WEIGHTS} is missing: export the checkpoint again")
+        return Checkpoint(path, HF, cfg)
     if is_consolidated(path) or (path / WEIGHTS).is_file():
         _check_consolidated(path)
         cfg, task = read_run_config(path / CONFIG)
@@ -192,6 +217,9 @@ def load_pretrained(gpt: torch.nn.Module, path: Union[str, Path], cfg: PretrainC
 
 
 def read_consolidated(path: Union[str, Path]) -> tuple[PretrainConfig, dict[str, torch.Tensor]]:
-    """The backbone's run config and the full tensors of the consolidated directory ``path``."""
+    """The backbone's run config and the full tensors of the consolidated directory (or HF
+    export: the project's names, without the codebook statistics) ``path``."""
     checkpoint = open_checkpoint(path)
+    if checkpoint.kind == HF:
+        return checkpoint.cfg, read_hf_tensors(checkpoint.path, checkpoint.cfg)
     return checkpoint.cfg, read_tensors(checkpoint.path)

@@ -246,8 +246,8 @@ def run_reshard(args: argparse.Namespace) -> dict:
     source = open_source(args.checkpoint, args.tokenizer)
     if source.checkpoint.kind != TRAINING:
         raise CheckpointError(
-            f"{args.checkpoint} is a consolidated directory (weights only); training resumes "
-            "from training checkpoints, which load at any layout as they are"
+            f"{args.checkpoint} is a {source.checkpoint.kind} directory (weights only); training "
+            "resumes from training checkpoints, which load at any layout as they are"
         )
     step_dir = source.checkpoint.path
     cfg = with_layout(source.cfg, args.tensor_parallel, args.expert_parallel)
