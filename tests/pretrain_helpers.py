@@ -10,6 +10,7 @@ that needs a tiny checkpoint trains it once; ``run_and_signal_one_rank`` preempt
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -122,8 +123,10 @@ def losses(out: Path) -> dict[int, tuple[float, float]]:
 def trained_run(
     factory: pytest.TempPathFactory, name: str, shards: Path, *extra: str, nproc: int = 1
 ) -> Path:
-    """A finished tiny run (``train.steps=3`` unless overridden), trained once per session."""
-    out = factory.getbasetemp() / "trained_runs" / name
+    """A finished tiny run (``train.steps=3`` unless overridden), trained once per session per
+    (``name``, settings): two tests asking for one name with other settings get two runs."""
+    settings = hashlib.sha256(repr((str(shards), extra, nproc)).encode()).hexdigest()[:10]
+    out = factory.getbasetemp() / "trained_runs" / f"{name}-{settings}"
     if not (out / "complete").is_file():
         shutil.rmtree(out, ignore_errors=True)
         launcher = "torchrun" if nproc > 1 else "python"
