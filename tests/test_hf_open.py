@@ -75,6 +75,16 @@ def test_an_export_opens_with_the_consolidated_weights_and_config(exported, rout
         assert tensors[key].dtype == value.dtype and torch.equal(tensors[key], value), key
 
 
+def test_the_codebook_update_rule_is_recorded_and_read_back(exported, tmp_path):
+    """An EMA-trained codebook trained further after a round trip through HF moves by EMA."""
+    _, out = exported
+    raw = json.loads((out / "discrete" / "config.json").read_text())
+    assert raw["codebook_update"] == "gradient"  # the tiny run's setting, written by the export
+    shutil.copytree(out / "discrete", tmp_path / "ema")
+    (tmp_path / "ema" / "config.json").write_text(json.dumps({**raw, "codebook_update": "ema"}))
+    assert open_checkpoint(tmp_path / "ema").cfg.moe.codebook_update == "ema"
+
+
 def test_the_name_mapping_inverts_for_swiglu_and_grouped_queries(tmp_path):
     """Shapes the tiny run lacks: SwiGLU's [gate; up] and 2 query groups of 2 heads (d = 5)."""
     cfg = PretrainConfig()

@@ -249,6 +249,7 @@ CONFIG_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "moe.xmoe_temperature": ("xmoe_temperature", lambda v: v if v is None else float(v)),
     "moe.smoe_dropout_eval_k": ("smoe_dropout_eval_k", lambda v: v if v is None else int(v)),
     "moe.stablemoe_distill_dim": ("stablemoe_distill_dim", int),
+    "moe.codebook_update": ("codebook_update", str),
 }
 """Run-config setting -> (``config.json`` key, its conversion). Every one is written by the
 exporter (``vqmoe_megatron.convert.hf.hf_config``); an export lacking one is refused naming it."""

@@ -69,6 +69,7 @@ def hf_config(cfg: PretrainConfig, tokenizer: Tokenizer):
         xmoe_temperature=moe.xmoe_temperature,
         smoe_dropout_eval_k=moe.smoe_dropout_eval_k,
         stablemoe_distill_dim=moe.stablemoe_distill_dim,
+        codebook_update=moe.codebook_update,
         tie_word_embeddings=not model.untie_embeddings_and_output_weights,
         bos_token_id=tokenizer.eos_id,
         eos_token_id=tokenizer.eos_id,

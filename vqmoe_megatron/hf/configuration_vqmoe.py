@@ -60,6 +60,7 @@ class VQMoEConfig(PretrainedConfig):
         xmoe_temperature: Optional[float] = None,
         smoe_dropout_eval_k: Optional[int] = None,
         stablemoe_distill_dim: int = 50,
+        codebook_update: str = "gradient",
         tie_word_embeddings: bool = True,
         use_cache: bool = True,
         **kwargs,
@@ -89,6 +90,7 @@ class VQMoEConfig(PretrainedConfig):
         self.xmoe_temperature = xmoe_temperature
         self.smoe_dropout_eval_k = smoe_dropout_eval_k or num_experts
         self.stablemoe_distill_dim = stablemoe_distill_dim
+        self.codebook_update = codebook_update  # how training moved the codes (read-back only)
         self.routing_mode = routing_mode
         self.router_topk = router_topk
         self.router_pre_softmax = router_pre_softmax
