@@ -29,7 +29,7 @@ from vqmoe_megatron.data.manifest import Manifest, load_manifest
 from vqmoe_megatron.data.schedule import SlotSchedule
 from vqmoe_megatron.data.shard_format import read_shard
 from vqmoe_megatron.data.store import FetchPolicy
-from vqmoe_megatron.processes import end_with_parent
+from vqmoe_megatron.processes import end_forked_children_with_this_process, end_with_parent
 
 STATE_VERSION = 1
 SAMPLES_PER_MESSAGE = 256  # per worker message: 256 KiB at seq_length 512 (2-byte ids)
@@ -278,6 +278,7 @@ class TokenShardLoader:
             infinite=self.infinite,
             verify_checksums=self.verify_checksums,
         )
+        end_forked_children_with_this_process()
         loader = DataLoader(
             stream,
             batch_size=None,

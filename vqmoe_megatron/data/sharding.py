@@ -43,7 +43,7 @@ from vqmoe_megatron.data.sources import (
     resolve_inputs,
 )
 from vqmoe_megatron.data.tokenizer import Tokenizer
-from vqmoe_megatron.processes import end_with_parent
+from vqmoe_megatron.processes import end_forked_children_with_this_process, end_with_parent
 
 CHUNK_BYTES = 1 << 20
 PACKING = (
@@ -403,6 +403,7 @@ def tokenized(
     ``settings.workers`` processes (chunk and source numbers count within ``sources``)."""
     settings = plan.settings
     context = multiprocessing.get_context()
+    end_forked_children_with_this_process()
     # Forked workers inherit this process's objects (torch's among them): frozen, their garbage
     # collector leaves them alone instead of touching, and so copying, every page they sit on.
     # (No gc.collect() first: with torch loaded it took 0.1-0.2 CPU-seconds per run.)
