@@ -120,6 +120,17 @@ class PortableMoELayer(MoELayer):
         """Before optimizer step ``step`` (every rank): step-dependent routing."""
         self.router.begin_step(step)
 
+    def _token_major_padding(
+        self, intermediate_tensors, padding_mask: Optional[torch.Tensor]
+    ) -> Optional[torch.Tensor]:
+        """``padding_mask`` [B, S] -> [S, B] bool (True = pad), the layout of the hidden states;
+        refuses partial CUDA-graph capture, which the subclasses' forward does not implement."""
+        if intermediate_tensors is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support partial CUDA-graph capture"
+            )
+        return None if padding_mask is None else padding_mask.transpose(0, 1).bool()
+
     def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """megatron's route; records the tokens and expert rows for the routing metrics and
         tells the all-to-all dispatcher the rows of a dropless map (``tokens * router.topk``:
@@ -148,10 +159,7 @@ class StableMoELayer(PortableMoELayer):
         padding_mask: Optional[torch.Tensor] = None,
     ):
         """``hidden_states`` [S, B, H] -> ([S, B, H], None); ``padding_mask`` [B, S], True = pad."""
-        if intermediate_tensors is not None:
-            raise NotImplementedError("StableMoELayer does not support partial CUDA-graph capture")
-        if padding_mask is not None:
-            padding_mask = padding_mask.transpose(0, 1).bool()
+        padding_mask = self._token_major_padding(intermediate_tensors, padding_mask)
         probs, routing_map = self.route(hidden_states, padding_mask)
         hidden, dispatched_probs = self.preprocess(hidden_states, probs, routing_map)
         hidden, dispatched_probs = self.dispatch(hidden, dispatched_probs)
@@ -207,12 +215,9 @@ class VQMoELayer(PortableMoELayer):
         padding_mask: Optional[torch.Tensor] = None,
     ):
         """``hidden_states`` [S, B, H] -> ([S, B, H], None); ``padding_mask`` [B, S], True = pad."""
-        if intermediate_tensors is not None:
-            raise NotImplementedError("VQMoELayer does not support partial CUDA-graph capture")
+        padding_mask = self._token_major_padding(intermediate_tensors, padding_mask)
         if self.training and self.attn_tp_group.size() > 1 and not self.config.sequence_parallel:
             raise ValueError("MoE with tensor parallelism needs sequence parallelism in training")
-        if padding_mask is not None:
-            padding_mask = padding_mask.transpose(0, 1).bool()
         plan = self.router(hidden_states, padding_mask)
         folded = False
         if isinstance(self.token_dispatcher, PortableAlltoAllTokenDispatcher):
