@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.14",
     "safetensors>=0.4",
     "zstandard>=0.22",
+    "matplotlib>=3.7",
 ]
 
 EXTRAS = {
@@ -55,6 +56,7 @@ setup(
         "console_scripts": [
             "vqmoe-convert=vqmoe_megatron.commands:convert",
             "vqmoe-evaluate=vqmoe_megatron.commands:evaluate",
+            "vqmoe-compare=vqmoe_megatron.commands:compare",
         ]
     },
 )

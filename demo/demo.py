@@ -20,17 +20,18 @@ import json
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vqmoe_megatron.pipeline import REPO, Step, StepFailed, run_logged  # noqa: E402
+
 DEFAULT_SETTINGS = Path(__file__).resolve().parent / "demo.yaml"
 PYTHON = sys.executable
 HELDOUT_SENTENCES = 300
@@ -39,17 +40,6 @@ HELDOUT_SENTENCES = 300
 
 class DemoError(RuntimeError):
     """A step failed or a result is not good enough; the message says which and where to look."""
-
-
-@dataclass
-class Step:
-    """One pipeline stage: ``command`` (or, for glue between tools, ``action``) runs unless
-    ``done`` already holds (its outputs exist)."""
-
-    name: str
-    command: list[str]
-    done: Callable[[], bool]
-    action: Optional[Callable[[], None]] = None
 
 
 def load_settings(path: Path, overrides: Sequence[str]) -> dict:
@@ -387,33 +377,6 @@ class Demo:
             )
 
 
-def run_logged(command: list[str], log: Path) -> None:
-    """Run ``command`` in the repository, its output shown live and appended to ``log``."""
-    with log.open("a", encoding="utf-8") as sink:
-        sink.write(f"$ {shlex.join(command)}\n")
-        sink.flush()
-        try:
-            proc = subprocess.Popen(
-                command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        except OSError as exc:
-            raise DemoError(
-                f"cannot start {command[0]} ({exc}); is the environment complete?"
-            ) from exc
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                sink.write(line)
-        except KeyboardInterrupt:
-            proc.wait()  # the command got the same Ctrl-C: let it save and stop
-            raise
-        if proc.wait() != 0:
-            raise DemoError(
-                f"exit status {proc.returncode} from: {shlex.join(command)}\n(log: {log})"
-            )
-
-
 def format_summary(summary: dict) -> str:
     """The Markdown table printed at the end (and written to summary.md)."""
     rows = [
@@ -454,7 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to continue", file=sys.stderr)
         return 128 + signal.SIGINT
-    except DemoError as exc:
+    except (DemoError, StepFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     table = format_summary(summary)

@@ -28,8 +28,9 @@ PACKAGE = "vqmoe_megatron"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # 0: leaves: third-party patches, paths, process helpers, tensor-parallel tags, error lines
-    ("compat", "paths", "processes", "interrupt", "parallel_tensors", "console"),
+    # 0: leaves: third-party patches, paths, process helpers, tensor-parallel tags, error lines,
+    #    the step runner of multi-command pipelines
+    ("compat", "paths", "processes", "interrupt", "parallel_tensors", "console", "pipeline"),
     # 1: settings, what DeepSpeed is told from them, launcher and process groups
     ("config", "config_reference", "deepspeed_config", "distributed"),
     # 2: building blocks
@@ -41,8 +42,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config_checks", "checkpoint"),
     # 5: the training loop and its tasks, fine-tuning, conversion, evaluation
     ("training", "finetune", "convert", "hf", "evaluate", "eval_tasks"),
-    # 6: command-line entry points
-    ("commands",),
+    # 6: command-line entry points, and the router comparison that runs them
+    ("commands", "compare"),
 )
 """Units by layer, lowest first. A unit not listed here is reported as a problem."""
 

@@ -147,3 +147,11 @@ def evaluate() -> NoReturn:
     from vqmoe_megatron.evaluate import main
 
     run(main)
+
+
+def compare() -> NoReturn:
+    """``vqmoe-compare``: ``vqmoe_megatron.compare.cli.main``."""
+    guard_startup()
+    from vqmoe_megatron.compare.cli import INTERRUPTED, main
+
+    run(main, INTERRUPTED)
