@@ -4,6 +4,8 @@ real command lines, and the project model's logits computed in the test process.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +98,43 @@ def other_tokenizer(directory: Path, vocab_size: int = 384) -> Path:
         progress=False,
     )
     return Path(f"{prefix}.model")
+
+
+LM_EVAL_TASKS = REPO / "vqmoe_megatron" / "eval_tasks"
+
+
+def require_lm_eval() -> None:
+    """Skip without lm-eval, except in CI (where its absence is a broken install)."""
+    if shutil.which("lm_eval", path=os.path.dirname(sys.executable)) is not None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("CI=true but lm_eval is missing (pip install -e '.[eval]')")
+    pytest.skip("lm-eval is not installed (pip install -e '.[eval]')")
+
+
+def lm_eval_bits_per_byte(export: Path, text: Path, output: Path) -> float:
+    """lm-evaluation-harness's bits per byte of ``text`` (the project's ``vqmoe_text`` task) on
+    the HF export ``export``, run as a user would."""
+    require_lm_eval()
+    proc = cli(
+        "lm_eval",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={export},trust_remote_code=True,dtype=float32",
+        "--tasks",
+        "vqmoe_text",
+        "--include_path",
+        LM_EVAL_TASKS,
+        "--metadata",
+        json.dumps({"text_files": [str(text)]}),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "8",
+        "--output_path",
+        output,
+    )
+    found = list(Path(output).rglob("results_*.json"))
+    assert len(found) == 1, proc.stdout[-2000:]
+    return json.loads(found[0].read_text())["results"]["vqmoe_text"]["bits_per_byte,none"]

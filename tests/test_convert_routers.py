@@ -1,6 +1,7 @@
 """Every baseline router's checkpoint exports to the consolidated and HF formats (HF logits equal
-the project model's), evaluates with vqmoe-evaluate, and fine-tunes with the plain
-``finetune/glue.py`` command (no --routing: the fine-tune routing follows the router)."""
+the project model's), evaluates with vqmoe-evaluate and with lm-evaluation-harness on the HF
+export (the same bits per byte), and fine-tunes with the plain ``finetune/glue.py`` command (no
+--routing: the fine-tune routing follows the router)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from convert_helpers import (
     cli,
     conversion_record,
     convert,
+    lm_eval_bits_per_byte,
     project_logits_of,
     random_tokens,
     shards,
@@ -71,6 +73,8 @@ def test_router_checkpoint_exports_evaluates_and_fine_tunes(
     )
     result = json.loads(result_path.read_text())
     assert math.isfinite(result["loss"]) and 0 < result["bpb"] < 10
+    theirs = lm_eval_bits_per_byte(hf, TEXT, tmp_path / "lm_eval")
+    assert theirs == pytest.approx(result["bpb"], rel=1e-4)
 
     out = tmp_path / "ft"
     proc = finetune("sst2", glue_copy(tmp_path / "glue"), consolidated, out, "--steps", "2")
