@@ -122,11 +122,13 @@ def _layer_norm(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch
 
 
 def naive_vqmoe(
-    x: torch.Tensor, p: NaiveParams, moe: MoEConfig, mode: str
+    x: torch.Tensor, p: NaiveParams, moe: MoEConfig, mode: str, gate_coeff: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token loop: returns (y [T, H], the coefficient-weighted VQ + balance loss)."""
+    """Per-token loop: returns (y [T, H], the coefficient-weighted VQ + balance loss, plus the
+    router-alignment loss and the gate loss of weight ``gate_coeff`` in pretrain mode)."""
     num_experts = len(p.fc1)
     codes, vq_terms, outputs, router_scores, router_top = [], [], [], [], []
+    align_terms, gate_terms = [], []
     for t in range(x.shape[0]):
         xt = x[t]
         if moe.distance == "cosine":
@@ -175,8 +177,13 @@ def naive_vqmoe(
         y_c = sum(w * _ffn(p, int(e), xt) for w, e in zip(weights, top))
         g = torch.softmax(p.gate_w @ xt + p.gate_b, dim=0)
         outputs.append(g[0] * y_c + g[1] * y_d)
+        align_terms.append(-torch.log_softmax(logits, dim=0)[k % num_experts])
+        gate_terms.append(-torch.log(g[1]))
     y = torch.stack(outputs)
     losses = moe.vq_loss_coeff * torch.stack(vq_terms).mean()
+    if align_terms:
+        losses = losses + moe.router_alignment_coeff * torch.stack(align_terms).mean()
+        losses = losses + gate_coeff * torch.stack(gate_terms).mean()
     if mode == "discrete" and not moe.vq_loss_in_discrete:
         losses = losses * 0
     if router_scores and moe.aux_loss_coeff > 0:
@@ -215,13 +222,16 @@ def moe_variant(**overrides) -> MoEConfig:
     return replace(TINY_MOE, **overrides)
 
 
-BASELINE_EP_CASES = [
+ROUTER_EP_CASES = [
     (moe_variant(topk=2, **baseline_settings("xmoe")), 1),
     (moe_variant(topk=2, token_dispatcher="allgather", **baseline_settings("hash")), 1),
     (moe_variant(**baseline_settings("smoe_dropout")), 2),
     (moe_variant(**baseline_settings("stablemoe")), 2),
     (moe_variant(token_dispatcher="allgather", **baseline_settings("stablemoe")), 3),
+    (moe_variant(topk=2, router_alignment_coeff=0.3, gate_discrete_coeff=0.5), 1),
+    (moe_variant(discrete_phase_start=2), 2),
 ]
-"""(MoEConfig, training step) of the EP = 2 vs EP = 1 checks of the baseline routers: X-MoE
-top-2, hash top-2 (all-gather), SMoE-Dropout at k = 3 of its 1 -> 4 ramp, StableMoE in stage 1
-(step 2, all-to-all) and stage 2 (step 3, all-gather)."""
+"""(MoEConfig, training step) of the EP = 2 vs EP = 1 checks of the baseline routers and of
+VQMoE's step-dependent options: X-MoE top-2, hash top-2 (all-gather), SMoE-Dropout at k = 3 of
+its 1 -> 4 ramp, StableMoE in stage 1 (step 2, all-to-all) and stage 2 (step 3, all-gather),
+VQMoE top-2 with the router-alignment and gate losses, and VQMoE in its discrete phase."""

@@ -120,6 +120,20 @@ def losses(out: Path) -> dict[int, tuple[float, float]]:
     return {r["step"]: (r["loss"], r["grad_norm"]) for r in records(out)}
 
 
+def resumed_like_uninterrupted(
+    shards: Path, tmp_path: Path, steps: int, stop: int, *extra: str
+) -> subprocess.CompletedProcess:
+    """Train ``steps`` steps in one go (``tmp_path/a``) and in two runs stopped after ``stop``
+    (``tmp_path/b``); check that the second run resumed at ``stop`` and that every step's loss
+    and gradient norm equal the uninterrupted run's. Returns the resumed run's process."""
+    pretrain(shards, tmp_path / "a", f"train.steps={steps}", *extra)
+    pretrain(shards, tmp_path / "b", f"train.steps={stop}", *extra)
+    proc = pretrain(shards, tmp_path / "b", f"train.steps={steps}", *extra)
+    assert "resumed from" in proc.stdout and f"at step {stop}" in proc.stdout
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    return proc
+
+
 def trained_run(
     factory: pytest.TempPathFactory, name: str, shards: Path, *extra: str, nproc: int = 1
 ) -> Path:

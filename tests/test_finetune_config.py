@@ -86,6 +86,23 @@ def test_routing_codebook_and_vq_loss_settings_are_written_into_moe(tmp_path):
     assert not cfg.moe.vq_loss_in_discrete and cfg.moe.vq_loss_coeff == 0.0
 
 
+@pytest.mark.parametrize("routing", ["discrete", "pretrain"])
+def test_pretraining_only_options_are_off_in_fine_tuning(tmp_path, routing):
+    """Router alignment, the gate loss and the discrete phase (METHOD.md section 8) shape
+    pretraining; a fine-tuning run keeping the router does not inherit them."""
+    pretrained = _consolidated(
+        tmp_path,
+        router_alignment_coeff=0.1,
+        gate_discrete_coeff=0.2,
+        gate_discrete_start=7,
+        discrete_phase_start=3,
+    )
+    moe = _load(pretrained, f"finetune.routing={routing}").moe
+    assert moe.routing_mode == routing
+    assert moe.router_alignment_coeff == 0.0 and moe.gate_discrete_coeff == 0.0
+    assert moe.discrete_phase_start is None
+
+
 def test_a_fine_tuning_run_as_pretrained_carries_its_routing_settings_over(tmp_path):
     """Intermediate-task fine-tuning starts from the first run's ``moe`` section as written: its
     routing mode bounds the new run's, and a VQ loss it switched off is not silently kept off."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from dist_utils import torchrun
 from moe_helpers import (
-    BASELINE_EP_CASES,
+    ROUTER_EP_CASES,
     baseline_settings,
     build_moe_layer,
     init_single_process,
@@ -101,9 +101,9 @@ def _check_against_single_process(tmp_path, moe, step: int = 1) -> None:
 
 
 def test_baseline_routers_expert_parallel_match_single_process(tmp_path):
-    """EP = 2 equals EP = 1 for every baseline router (``BASELINE_EP_CASES``, one launch)."""
+    """EP = 2 equals EP = 1 for every baseline router (``ROUTER_EP_CASES``, one launch)."""
     torchrun("moe_layer_parallel.py", 2, "--out", str(tmp_path), "--baselines")
-    for index, (moe, step) in enumerate(BASELINE_EP_CASES):
+    for index, (moe, step) in enumerate(ROUTER_EP_CASES):
         _check_against_single_process(tmp_path / str(index), moe, step)
 
 

@@ -39,7 +39,7 @@ def _run_layer(layer, x: torch.Tensor, proj: torch.Tensor):
     return y.reshape(-1, y.shape[-1]), x.grad.reshape(-1, x.shape[-1])
 
 
-def _compare(layer, moe, mode: str, seed: int = 0):
+def _compare(layer, moe, mode: str, seed: int = 0, gate_coeff: float = 0.0):
     torch.manual_seed(seed)
     hidden = layer.config.hidden_size
     x = torch.randn(TOKENS_S, TOKENS_B, hidden, dtype=torch.float64)
@@ -49,7 +49,7 @@ def _compare(layer, moe, mode: str, seed: int = 0):
     y, x_grad = _run_layer(layer, x, proj)
 
     x_ref = x.reshape(-1, hidden).clone().requires_grad_(True)
-    y_ref, losses = naive_vqmoe(x_ref, ref, moe, mode)
+    y_ref, losses = naive_vqmoe(x_ref, ref, moe, mode, gate_coeff)
     ((y_ref * proj.reshape(-1, hidden)).sum() + losses).backward()
 
     torch.testing.assert_close(y, y_ref.detach(), **TOL)
@@ -142,3 +142,52 @@ def test_stacked_streams_dispatch_k_plus_one_rows():
     assert plan.hidden.shape == (2 * TOKENS_S, TOKENS_B, layer.config.hidden_size)
     assert plan.num_rows == tokens * 3 == int(plan.routing_map.sum())
     assert plan.routing_map[tokens:].sum(dim=1).eq(1).all()
+
+
+@pytest.mark.parametrize(
+    "expert_input,topk,distance",
+    [("paper", 1, "l2"), ("token", 2, "l2"), ("paper", 2, "cosine")],
+)
+def test_router_alignment_and_gate_losses_match_reference(expert_input, topk, distance):
+    """Both pretraining losses of METHOD.md section 8, on the fused path (L2) and the separate
+    one (cosine), with the gate loss half-way up its ramp (step 4 of 3..6: weight 0.5 x 0.5)."""
+    moe = moe_variant(
+        expert_input=expert_input,
+        topk=topk,
+        distance=distance,
+        router_alignment_coeff=0.3,
+        gate_discrete_coeff=0.5,
+        gate_discrete_start=3,
+        gate_discrete_ramp_steps=4,
+    )
+    layer = build_moe_layer(moe)
+    layer.begin_step(4, seed=0)
+    assert layer.router.gate_loss_coeff == pytest.approx(0.25)
+    _compare(layer, moe, "pretrain", gate_coeff=0.25)
+
+
+def test_gate_loss_ramps_from_its_start_step():
+    moe = moe_variant(gate_discrete_coeff=0.8, gate_discrete_start=3, gate_discrete_ramp_steps=4)
+    router = build_moe_layer(moe).router
+    weights = []
+    for step in (1, 2, 3, 4, 6, 50):
+        router.begin_step(step)
+        weights.append(router.gate_loss_coeff)
+    assert weights == pytest.approx([0.0, 0.0, 0.2, 0.4, 0.8, 0.8])
+
+
+def test_discrete_phase_routes_by_codes_and_leaves_router_and_gate_unused():
+    """From ``discrete_phase_start`` on, the pretrain-mode layer is the discrete reference (VQ
+    loss on, codebook still learning); router and gate get no gradient, and stay in the model."""
+    moe = moe_variant(discrete_phase_start=5, topk=2)
+    layer = build_moe_layer(moe)
+    layer.begin_step(4, seed=0)
+    assert layer.router.active_routing == "pretrain"
+    layer.begin_step(5, seed=0)
+    assert layer.router.active_routing == "discrete" and layer.routing_mode == "pretrain"
+    _compare(layer, moe, "discrete")
+    router = layer.router
+    assert router.quantizer.codebook.grad is not None
+    for param in (*router.continuous.parameters(), *router.gate.parameters()):
+        assert param.grad is None
+    assert "router.continuous.weight" in layer.state_dict()

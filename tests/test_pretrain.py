@@ -27,6 +27,7 @@ from pretrain_helpers import (
     overrides,
     pretrain,
     records,
+    resumed_like_uninterrupted,
     run_and_signal_one_rank,
 )
 
@@ -88,11 +89,7 @@ def test_resume_after_clean_stop_is_bit_exact(shards, tmp_path, precision, zero,
         "moe.dead_code_interval=3",
         "moe.dead_code_threshold=0.9",
     )
-    pretrain(shards, tmp_path / "a", "train.steps=8", *extra)
-    pretrain(shards, tmp_path / "b", "train.steps=4", *extra)
-    proc = pretrain(shards, tmp_path / "b", "train.steps=8", *extra)
-    assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
-    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    proc = resumed_like_uninterrupted(shards, tmp_path, 8, 4, *extra)
     assert "restarted" in proc.stdout, "a dead-code restart after the resume"
     if precision == "fp32":  # a finished run given again: nothing trained, nothing re-saved
         final = find_latest(tmp_path / "b" / "checkpoints")

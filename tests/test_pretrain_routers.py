@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from data_helpers import tiny_shards
-from pretrain_helpers import losses, pretrain, records
+from pretrain_helpers import losses, pretrain, records, resumed_like_uninterrupted
 
 from vqmoe_megatron.checkpoint.training import find_latest
 
@@ -70,8 +70,21 @@ def test_stablemoe_stage_switch_survives_resume(shards, tmp_path):
     """Stage 1 for steps 1-2, stage 2 from step 3; stopping after step 2 and resuming gives the
     uninterrupted run's losses (a step counter that restarted would route steps 3-4 in stage 1)."""
     extra = ("moe.router=stablemoe", "moe.stablemoe_stage1_steps=2")
-    pretrain(shards, tmp_path / "a", "train.steps=4", *extra)
-    pretrain(shards, tmp_path / "b", "train.steps=2", *extra)
-    proc = pretrain(shards, tmp_path / "b", "train.steps=4", *extra)
-    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
-    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    resumed_like_uninterrupted(shards, tmp_path, 4, 2, *extra)
+
+
+def test_vqmoe_discrete_phase_and_gate_loss_survive_resume(shards, tmp_path):
+    """VQMoE with all three options of METHOD.md section 8: router alignment, the gate loss from
+    step 2, and the discrete phase from step 3. Steps 1-2 route both paths (2 rows per token),
+    steps 3-4 the nearest code only (1 row); stopping after step 2 and resuming gives the
+    uninterrupted run's losses and the same switch."""
+    extra = (
+        "moe.router=vqmoe",
+        "moe.router_alignment_coeff=0.1",
+        "moe.gate_discrete_coeff=0.5",
+        "moe.gate_discrete_start=2",
+        "moe.discrete_phase_start=3",
+    )
+    resumed_like_uninterrupted(shards, tmp_path, 4, 2, *extra)
+    rows = {r["step"]: r["layer1/rows_per_token"] for r in records(tmp_path / "b")}
+    assert rows == {1: 2.0, 2: 2.0, 3: 1.0, 4: 1.0}

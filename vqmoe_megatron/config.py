@@ -174,6 +174,22 @@ class MoEConfig:
     vq_loss_in_discrete: bool = True
     """Keep the VQ loss in discrete mode (with a frozen codebook only its commitment term acts)."""
 
+    # Toward router-free inference (METHOD.md section 8): pretraining-only options, all off by
+    # default (the paper's method); fine-tuning turns them off.
+    router_alignment_coeff: float = 0.0
+    """Weight of CE(router logits, nearest code's expert): teaches the continuous router to
+    choose the expert the codebook chooses, so dropping the router moves fewer tokens (0: off)."""
+    gate_discrete_coeff: float = 0.0
+    """Weight of mean(-log g_d), a loss that moves the gate toward the discrete path (0: off)."""
+    gate_discrete_start: int = 0
+    """Optimizer step from which the gate loss acts (it ramps up over gate_discrete_ramp_steps)."""
+    gate_discrete_ramp_steps: int = 1
+    """Steps over which the gate loss grows linearly to its full weight."""
+    discrete_phase_start: Optional[int] = None
+    """From this optimizer step on, pretraining routes by the nearest code only (router and gate
+    stay in the model, unused), so experts and codebook adapt to router-free inference within
+    the step budget; the codebook keeps learning (None: off)."""
+
     @property
     def codebook_size(self) -> int:
         """K: ``num_codes``, or ``num_experts`` when it is not set."""

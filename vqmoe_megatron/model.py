@@ -204,6 +204,11 @@ def build_transformer_config(
         vqmoe_dead_code_threshold=moe.dead_code_threshold,
         vqmoe_train_codebook_in_discrete=moe.train_codebook_in_discrete,
         vqmoe_loss_in_discrete=moe.vq_loss_in_discrete,
+        vqmoe_router_alignment_coeff=moe.router_alignment_coeff,
+        vqmoe_gate_discrete_coeff=moe.gate_discrete_coeff,
+        vqmoe_gate_discrete_start=moe.gate_discrete_start,
+        vqmoe_gate_discrete_ramp_steps=moe.gate_discrete_ramp_steps,
+        vqmoe_discrete_phase_start=moe.discrete_phase_start,
     )
 
 

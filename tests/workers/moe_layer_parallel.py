@@ -1,6 +1,6 @@
 """Worker: one MoE layer at expert parallelism EP = world size, forward + backward in float64.
 
-``--baselines`` runs every case of ``moe_helpers.BASELINE_EP_CASES`` (baseline routers, with the
+``--baselines`` runs every case of ``moe_helpers.ROUTER_EP_CASES`` (baseline routers, with the
 training step handed to step-dependent ones) in one launch, into OUT/<case index>/. Each rank
 routes its own tokens (and token ids); saves inputs, outputs, input gradients, its dense parameter
 gradients (local names) and its experts' gradients (global names) to OUT/rank{r}.pt for the
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-from moe_helpers import BASELINE_EP_CASES, TINY_MODEL, build_moe_layer, moe_variant
+from moe_helpers import ROUTER_EP_CASES, TINY_MODEL, build_moe_layer, moe_variant
 
 from vqmoe_megatron.distributed import destroy_distributed, init_distributed
 from vqmoe_megatron.parallel_tensors import global_tensors, is_expert_param
@@ -67,14 +67,14 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=2)
     parser.add_argument("--expert-backend", default="grouped")
     parser.add_argument(
-        "--baselines", action="store_true", help="run BASELINE_EP_CASES into OUT/<index>/"
+        "--baselines", action="store_true", help="run ROUTER_EP_CASES into OUT/<index>/"
     )
     args = parser.parse_args()
 
     layout = init_distributed(tensor_parallel=1, expert_parallel=int(os.environ["WORLD_SIZE"]))
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     if args.baselines:
-        for index, (moe, step) in enumerate(BASELINE_EP_CASES):
+        for index, (moe, step) in enumerate(ROUTER_EP_CASES):
             run_case(layout, moe, step, Path(args.out) / str(index))
     else:
         moe = moe_variant(

@@ -171,8 +171,13 @@ def fine_tune_router(moe: MoEConfig) -> MoEConfig:
     """The router settings a fine-tuning run trains with: the router's final routing.
 
     SMoE-Dropout routes with ``smoe_dropout_eval_k`` experts (no ramp); StableMoE with its
-    distilled router, frozen (stage 2 from the first step).
+    distilled router, frozen (stage 2 from the first step); VQMoE without the pretraining-only
+    options of METHOD.md section 8 (router alignment, gate loss, discrete phase).
     """
+    if moe.router == "vqmoe":
+        return replace(
+            moe, router_alignment_coeff=0.0, gate_discrete_coeff=0.0, discrete_phase_start=None
+        )
     if moe.router == "smoe_dropout":
         k = moe.smoe_dropout_eval_k or moe.num_experts
         return replace(moe, smoe_dropout_k_min=k, smoe_dropout_k_max=k)

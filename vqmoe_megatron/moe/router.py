@@ -18,7 +18,7 @@ In ``discrete`` mode the router and the gate do not exist: one row per token, we
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -214,6 +214,11 @@ class VQMoERouter(StepRouting, MegatronModule):
         else:
             self.discrete_norm_in = self.discrete_norm_out = None
         self.mode = config.vqmoe_routing_mode
+        self.discrete_phase = False
+        """Pretraining routes by the nearest code only from ``vqmoe_discrete_phase_start`` on
+        (:meth:`begin_step`); router and gate stay in the model, unused."""
+        self.gate_loss_coeff = 0.0
+        """This step's weight of the gate loss (``vqmoe_gate_discrete_*``, :meth:`begin_step`)."""
         if self.mode == "pretrain":
             self.continuous: Optional[ContinuousRouter] = ContinuousRouter(
                 config=config, pg_collection=pg_collection
@@ -256,6 +261,25 @@ class VQMoERouter(StepRouting, MegatronModule):
         if not self.config.vqmoe_train_codebook_in_discrete:
             self.quantizer.set_trainable(False)
 
+    def begin_step(self, step: int) -> None:
+        """The step-dependent pretraining options (METHOD.md section 8), from the step the
+        training loop restores on resume, so they survive it: the discrete phase from step
+        ``vqmoe_discrete_phase_start`` on, and the gate loss, 0 before step
+        ``vqmoe_gate_discrete_start`` and ramping linearly to its full weight over
+        ``vqmoe_gate_discrete_ramp_steps`` steps."""
+        cfg = self.config
+        start = cfg.vqmoe_discrete_phase_start
+        self.discrete_phase = self.mode == "pretrain" and start is not None and step >= start
+        ramp = (step - cfg.vqmoe_gate_discrete_start + 1) / max(
+            1, cfg.vqmoe_gate_discrete_ramp_steps
+        )
+        self.gate_loss_coeff = cfg.vqmoe_gate_discrete_coeff * min(1.0, max(0.0, ramp))
+
+    @property
+    def active_routing(self) -> str:
+        """How this forward routes: the mode, or 'discrete' in the discrete phase."""
+        return "discrete" if self.discrete_phase else self.mode
+
     # ----------------------------------------------------------------------------- init
     @torch.no_grad()
     def draw_parameters(self, generator: torch.Generator) -> None:
@@ -284,33 +308,67 @@ class VQMoERouter(StepRouting, MegatronModule):
         cfg = self.config
         return stacked_streams(x, offset, cfg.vqmoe_expert_input, cfg.vqmoe_contrib_rate)
 
+    def _token_total(
+        self, x: torch.Tensor, valid: Optional[torch.Tensor]
+    ) -> Union[int, torch.Tensor]:
+        """The valid tokens of the micro-batch over all TP/CP slices: the denominator of every
+        per-token mean loss. Under sequence parallelism each TP rank holds a slice of the
+        sequence and the gradients of replicated parameters are summed over TP, so each rank's
+        loss is its share of the mean over the valid tokens of all slices (which may hold
+        different amounts of padding)."""
+        if valid is None:
+            return x.shape[0] * self.tp_cp_size
+        total = valid.sum().to(torch.float64)
+        if self.tp_cp_size > 1:
+            dist.all_reduce(total, group=self.tp_cp_group)
+        return total.clamp(min=1)
+
     def _vq_aux_loss(
         self,
         x: torch.Tensor,
         codes: torch.Tensor,
         valid: Optional[torch.Tensor],
         offset: torch.Tensor,
+        total: Union[int, torch.Tensor],
     ) -> Optional[torch.Tensor]:
-        if not (self.training and torch.is_grad_enabled()):
-            return None
         if self.mode == "discrete" and not self.config.vqmoe_loss_in_discrete:
             return None
-        # Under sequence parallelism each TP rank holds a slice of the sequence and the gradients
-        # of replicated parameters are summed over TP: each rank's loss is its share of the mean
-        # over the valid tokens of all slices (which may hold different amounts of padding).
-        if valid is None:
-            total = x.shape[0] * self.tp_cp_size
-        else:
-            total = valid.sum().to(torch.float64)
-            if self.tp_cp_size > 1:
-                dist.all_reduce(total, group=self.tp_cp_group)
-            total = total.clamp(min=1)
         loss = self.quantizer.loss(x, codes, valid, offset, total)
         if self.routing_metrics.enabled:
             self.routing_metrics.record(self.layer_number, "vq_loss_sum", loss)
             shares = torch.full((), 1.0 / self.tp_cp_size, device=x.device)
             self.routing_metrics.record(self.layer_number, "micro_batches", shares)
         return loss * self.config.vqmoe_loss_coeff
+
+    @staticmethod
+    def _token_mean(
+        per_token: torch.Tensor, valid: Optional[torch.Tensor], total: Union[int, torch.Tensor]
+    ) -> torch.Tensor:
+        """This rank's share of the mean of ``per_token`` [T] over the valid tokens."""
+        if valid is not None:
+            per_token = per_token * valid.to(per_token.dtype)
+        return per_token.sum() / total
+
+    def _path_losses(
+        self,
+        logits: Optional[torch.Tensor],
+        gate: torch.Tensor,
+        expert_d: torch.Tensor,
+        valid: Optional[torch.Tensor],
+        total: Union[int, torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """The pretrain-mode losses of METHOD.md section 8 that are switched on: router
+        alignment ``coeff * mean CE(router logits [T, E], sg(VQ expert))`` and the gate loss
+        ``coeff * mean(-log g_d)``."""
+        losses = []
+        if self.config.vqmoe_router_alignment_coeff > 0:
+            ce = F.cross_entropy(logits.float(), expert_d, reduction="none")
+            coeff = self.config.vqmoe_router_alignment_coeff
+            losses.append(coeff * self._token_mean(ce, valid, total))
+        if self.gate_loss_coeff > 0:
+            minus_log_gd = -torch.log(gate[:, 1].clamp(min=torch.finfo(gate.dtype).tiny))
+            losses.append(self.gate_loss_coeff * self._token_mean(minus_log_gd, valid, total))
+        return losses
 
     def _fused_scores(self, hidden: torch.Tensor) -> Optional[FusedScores]:
         """The router GEMM, the gate GEMM and the L2 code scores as one ``[T, E + 2 + K]`` GEMM
@@ -363,7 +421,8 @@ class VQMoERouter(StepRouting, MegatronModule):
                 "codebook_init=kmeans: run the data-dependent initialisation "
                 "(vqmoe_megatron.training.codebook.initialize_codebooks) before training"
             )
-        fused = self._fused_scores(hidden) if self.mode == "pretrain" else None
+        routing = self.active_routing
+        fused = self._fused_scores(hidden) if routing == "pretrain" else None
         codes = self.quantizer.assign(x) if fused is None else fused.codes
         if self.training and torch.is_grad_enabled():
             self.quantizer.record(
@@ -374,10 +433,12 @@ class VQMoERouter(StepRouting, MegatronModule):
         )
         onehot_d = F.one_hot(expert_d, self.num_experts).bool()
         offset = self.quantizer.offset(x, codes)
-        aux_loss = self._vq_aux_loss(x, codes, valid, offset)
+        learning = self.training and torch.is_grad_enabled()
+        total = self._token_total(x, valid) if learning else None
+        aux_loss = self._vq_aux_loss(x, codes, valid, offset, total) if learning else None
         post_norm = self.discrete_norm_out is not None
 
-        if self.mode == "discrete":
+        if routing == "discrete":
             plan = RoutingPlan(
                 hidden=self._expert_input(x, offset).view(seq, batch, width),
                 probs=onehot_d.to(torch.float32),
@@ -390,12 +451,18 @@ class VQMoERouter(StepRouting, MegatronModule):
             self._record_metrics(codes, plan, valid, gate=None, probs_c=None, expert_d=expert_d)
             return plan
 
+        aligning = learning and self.config.vqmoe_router_alignment_coeff > 0
         if fused is None:
             probs_c, map_c = self.continuous(hidden, padding_mask)
             gate = self.gate(x)
+            logits = self.continuous.gating(hidden).view(-1, self.num_experts) if aligning else None
         else:  # TopKRouter.forward after its gating GEMM
             probs_c, map_c = self.continuous.routing(fused.router_logits, padding_mask)
             gate = fused.gate
+            logits = fused.router_logits.view(-1, self.num_experts)
+        if learning:
+            for loss in self._path_losses(logits, gate, expert_d, valid, total):
+                aux_loss = loss if aux_loss is None else aux_loss + loss
         g_c, g_d = gate[:, :1], gate[:, 1:]
         merged = self.config.vqmoe_expert_input == "token" and not post_norm
         if merged:

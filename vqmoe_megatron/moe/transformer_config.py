@@ -62,6 +62,11 @@ class VQMoETransformerConfig(TransformerConfig):
     vqmoe_dead_code_threshold: float = 1e-3
     vqmoe_train_codebook_in_discrete: bool = False
     vqmoe_loss_in_discrete: bool = True
+    vqmoe_router_alignment_coeff: float = 0.0
+    vqmoe_gate_discrete_coeff: float = 0.0
+    vqmoe_gate_discrete_start: int = 0
+    vqmoe_gate_discrete_ramp_steps: int = 1
+    vqmoe_discrete_phase_start: Optional[int] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
