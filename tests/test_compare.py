@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,8 +21,9 @@ from dist_utils import child_env
 from finetune_helpers import glue_copy
 from pretrain_helpers import CONFIG, REPO
 
+from vqmoe_megatron.compare.cli import build_parser, command_line, settings_of
 from vqmoe_megatron.compare.plan import CompareSettings, plan_unit
-from vqmoe_megatron.compare.report import ablation_lines, where_vqmoe_loses
+from vqmoe_megatron.compare.report import ablation_lines, router_free_rows, where_vqmoe_loses
 from vqmoe_megatron.compare.results import Spread, UnitResult, aggregate
 from vqmoe_megatron.compare.runner import CompareError, claim
 from vqmoe_megatron.compare.variants import VARIANTS, select
@@ -147,6 +149,51 @@ def test_ablation_rows_are_differences_of_the_named_metrics():
     (line,) = ablation_lines(table)
     assert "router kept → router dropped" in line
     assert "(Δ +0.1000, seed std 0.0500)" in line
+
+
+def test_router_free_table_compares_dropped_with_top1_and_kept_with_top2():
+    table = {
+        "vqmoe": {
+            "bpb/pretrain": Spread(2.40, 0.03, 3),
+            "bpb/discrete": Spread(2.64, 0.04, 3),
+            "finetune/default": Spread(0.72, 0.0, 3),
+        },
+        "vq_only": {"bpb/discrete": Spread(2.47, 0.0, 3)},
+        "topk": {"bpb/pretrain": Spread(2.46, 0.0, 3)},
+        "topk2": {"bpb/pretrain": Spread(2.41, 0.0, 3), "finetune/default": Spread(0.69, 0.0, 3)},
+    }
+    vq, scratch = router_free_rows(table)
+    assert vq == [
+        "`vqmoe`",
+        "2.4000 ± 0.0300",
+        "2.6400 ± 0.0400",
+        "+10.00%",
+        "+0.1800 (±0.0400)",
+        "-0.0100 (±0.0300)",
+        "+0.0300 (±0.0000)",
+    ]
+    assert scratch[0] == "`vq_only`" and scratch[1] == "–" and scratch[3] == "–"
+    assert scratch[4] == "+0.0100 (±0.0000)"
+
+
+def test_the_report_command_remakes_the_same_settings(tmp_path):
+    """The command written into report.md spells every setting out: parsed again it gives the
+    comparison's settings, whatever the defaults become."""
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text("{}")
+    (tmp_path / "glue").mkdir()
+    original = settings(
+        config=str(CONFIG),
+        data_dir=str(tmp_path / "shards"),
+        glue_dir=str(tmp_path / "glue"),
+        variants=["hash", "vqmoe_ema"],
+        first_seed=4,
+        overrides=["data.micro_batch_size=4"],
+    )
+    words = shlex.split(command_line(original, tmp_path / "out"))
+    assert words[0] == "vqmoe-compare"
+    args = build_parser().parse_args(words[1:])
+    assert settings_of(args) == original and args.out == tmp_path / "out"
 
 
 def test_claim_refuses_a_directory_made_with_other_settings(tmp_path):

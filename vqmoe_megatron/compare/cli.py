@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -35,7 +34,7 @@ from vqmoe_megatron.pipeline import StepFailed
 INTERRUPTED = "interrupted: run the same command again to continue the comparison"
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vqmoe-compare",
         description=__doc__.split("\n\n")[0],
@@ -121,8 +120,7 @@ def settings_of(args: argparse.Namespace) -> CompareSettings:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         settings = settings_of(args)
     except (ValueError, ConfigError) as exc:
@@ -153,7 +151,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_units(units, workdir, args.jobs)
     except (CompareError, StepFailed) as exc:
         return fail(str(exc))
-    return write_outputs(settings, units, workdir, out, "vqmoe-compare " + shlex.join(argv))
+    return write_outputs(settings, units, workdir, out, command_line(settings, out))
+
+
+def command_line(s: CompareSettings, out: Path) -> str:
+    """The command that remakes a comparison, every setting spelled out (the defaults of
+    ``--routers`` and others may change; ``--jobs`` and ``--workdir`` change no number)."""
+    args = ["--config", s.config, "--data-dir", s.data_dir]
+    if s.glue_dir is None:
+        args.append("--no-finetune")
+    else:
+        args += ["--glue-dir", s.glue_dir, "--task", s.task]
+        args += ["--finetune-steps", str(s.finetune_steps), "--finetune-lr", str(s.finetune_lr)]
+    args += ["--routers", ",".join(s.variants), "--seeds", str(s.seeds)]
+    args += ["--first-seed", str(s.first_seed), "--steps", str(s.steps)]
+    args += ["--checkpoints", str(s.checkpoints), "--evaluations", str(s.evaluations)]
+    args += ["--nproc", str(s.nproc), "--out", str(out), *s.overrides]
+    return "vqmoe-compare " + shlex.join(args)
 
 
 def write_outputs(

@@ -1,5 +1,6 @@
 """The comparison's plots (matplotlib, PNG): validation curves, per-layer expert load over
-training, codebook usage, routing fluctuation over training, and the headline numbers.
+training, codebook usage with the gate weight and router-code agreement over training, routing
+fluctuation over training, and the headline numbers.
 
 Curves are the mean over seeds with the seeds' range shaded; the expert-load heatmaps show the
 first seed of each variant (the others look alike and are in the run directories).
@@ -17,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vqmoe_megatron.compare.results import Spread, UnitResult  # noqa: E402
+from vqmoe_megatron.compare.results import Spread, UnitResult, layer_mean  # noqa: E402
 
 Series = list[tuple[int, float]]
 
@@ -120,24 +121,30 @@ def expert_load_heatmaps(units: list[UnitResult]):
     return fig
 
 
-def codebook_usage(units: list[UnitResult]):
-    """Codebook perplexity over training as a share of the codebook size (1.0: every code
-    used equally), per layer, mean over seeds; VQ variants only."""
-    vq = [u for u in units if u.code_perplexity]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, seeds in _by_variant(vq).items():
-        for layer in sorted(seeds[0].code_perplexity):
-            _mean_curve(
-                ax,
-                f"{name} layer {layer}",
-                [[(s, p / u.codebook_size) for s, p in u.code_perplexity[layer]] for u in seeds],
-            )
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("code perplexity / codebook size")
-    ax.set_title("Codebook usage during pretraining (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+def vq_routing_curves(units: list[UnitResult]):
+    """Three panels over training, VQ variants, mean over layers and seeds: codebook usage
+    (code perplexity / codebook size; 1.0: every code used equally), the gate's weight on the
+    discrete path g_d, and the share of tokens whose router top-1 is their nearest code's
+    expert. Gate and agreement exist only while a router runs (not in discrete phases)."""
+    panels = [
+        ("code_perplexity", "code perplexity / codebook size", True),
+        ("gate_discrete", "gate weight on the discrete path (g_d)", False),
+        ("agreement", "router top-1 = nearest code's expert", False),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.8), squeeze=False)
+    for ax, (name, label, per_code) in zip(axes.flat, panels):
+        for variant, seeds in _by_variant(units).items():
+            curves = [
+                [(s, v / u.codebook_size if per_code else v) for s, v in layer_mean(u, name)]
+                for u in seeds
+            ]
+            _mean_curve(ax, variant, curves)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Codebook usage, gate and router-code agreement during pretraining")
     fig.tight_layout()
     return fig
 
@@ -170,7 +177,7 @@ def write_plots(
     figures = {
         "validation_loss.png": validation_curves(units),
         "expert_load.png": expert_load_heatmaps(units),
-        "codebook_usage.png": codebook_usage(units),
+        "codebook_usage.png": vq_routing_curves(units),
         "fluctuation.png": fluctuation_curves(units),
         "headline.png": headline_bars(table, headline),
     }

@@ -100,6 +100,39 @@ def finetuning_rows(table: Table) -> list[list[str]]:
     ]
 
 
+def _versus(table: Table, a: tuple[str, str], b: tuple[str, str]) -> str:
+    """'mean_a - mean_b (± combined std)' or '–' when either is missing."""
+    first, second = table.get(a[0], {}).get(a[1]), table.get(b[0], {}).get(b[1])
+    if first is None or second is None:
+        return "–"
+    return f"{first.mean - second.mean:+.4f} (±{math.hypot(first.std, second.std):.4f})"
+
+
+def router_free_rows(table: Table) -> list[list[str]]:
+    """Per VQ variant: bits per byte with the router kept and dropped, the relative cost of
+    dropping it, and the differences that the router-free claim is about: dropped vs top-1,
+    kept vs top-2, and the fine-tuned score (router dropped) vs top-2 fine-tuned with its
+    router. Negative bits-per-byte differences and positive score differences favour VQ."""
+    rows = []
+    for name in table:
+        if "discrete" not in VARIANTS[name].evaluations:
+            continue
+        kept, dropped = table[name].get("bpb/pretrain"), table[name]["bpb/discrete"]
+        cost = "–" if kept is None else f"{(dropped.mean / kept.mean - 1) * 100:+.2f}%"
+        rows.append(
+            [
+                f"`{name}`",
+                _cell(table, name, "bpb/pretrain"),
+                _cell(table, name, "bpb/discrete"),
+                cost,
+                _versus(table, (name, "bpb/discrete"), ("topk", "bpb/pretrain")),
+                _versus(table, (name, "bpb/pretrain"), ("topk2", "bpb/pretrain")),
+                _versus(table, (name, "finetune/default"), ("topk2", "finetune/default")),
+            ]
+        )
+    return rows
+
+
 def _difference(table: Table, a: tuple[str, str], b: tuple[str, str]) -> Optional[str]:
     """'mean_b - mean_a (± combined std)' of metric keys a=(variant, key), b=(variant, key)."""
     first, second = table.get(a[0], {}).get(a[1]), table.get(b[0], {}).get(b[1])
@@ -222,6 +255,27 @@ def write_report(
                 "fluctuation",
             ],
             pretraining_rows(table),
+        ),  # fmt: skip
+        "",
+        "## Router-free inference",
+        "",
+        "Bits per byte with the router kept and dropped, what dropping it costs, and the "
+        "differences the router-free claim is about (mean difference, ± the combined seed std; "
+        "`topk` is top-1 SMoE, `topk2` top-2; – where that baseline is not in this comparison). "
+        "Negative bits-per-byte differences and positive fine-tuning differences favour the VQ "
+        "variant.",
+        "",
+        *_markdown_table(
+            [
+                "variant",
+                "bits/byte, router kept",
+                "router dropped",
+                "cost of dropping",
+                "dropped − top-1",
+                "kept − top-2",
+                "fine-tuned (dropped) − top-2 fine-tuned",
+            ],
+            router_free_rows(table),
         ),  # fmt: skip
         "",
         "## Routing diagnostics (valid split, mean over layers)",

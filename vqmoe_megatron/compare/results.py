@@ -27,6 +27,9 @@ from vqmoe_megatron.config import PretrainConfig, load_config
 from vqmoe_megatron.training.flops import model_size
 
 LAYER_KEY = re.compile(r"^layer(\d+)/(.+)$")
+TRACKED = ("code_perplexity", "gate_discrete", "agreement")
+"""Per-layer training metrics kept as series: codebook perplexity, the gate's weight on the
+discrete path, and router/nearest-code agreement (VQ variants; see docs/routing_metrics.md)."""
 
 
 @dataclass
@@ -42,8 +45,8 @@ class UnitResult:
     """(step, validation loss) of the pretraining run's periodic evaluations."""
     expert_load: dict[int, list[tuple[int, list[float]]]] = field(default_factory=dict)
     """layer -> [(step, share of routed rows per expert)] over training."""
-    code_perplexity: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
-    """layer -> [(step, codebook perplexity)] over training (VQ variants)."""
+    layer_series: dict[str, dict[int, list[tuple[int, float]]]] = field(default_factory=dict)
+    """metric of :data:`TRACKED` -> layer -> [(step, value)] over training, where logged."""
     fluctuation: list[tuple[int, float]] = field(default_factory=list)
     """(step of the later checkpoint, overall fluctuation since the one before), in the
     routing the variant was trained with."""
@@ -94,8 +97,9 @@ def read_unit(settings: CompareSettings, workdir: Path, variant: Variant, seed: 
             layer, name = int(match.group(1)), match.group(2)
             if name == "expert_load":
                 result.expert_load.setdefault(layer, []).append((record["step"], value))
-            elif name == "code_perplexity":
-                result.code_perplexity.setdefault(layer, []).append((record["step"], value))
+            elif name in TRACKED:
+                series = result.layer_series.setdefault(name, {}).setdefault(layer, [])
+                series.append((record["step"], value))
 
     for routing in variant.evaluations:
         evaluation = _read_json(eval_file(root, routing))
@@ -130,6 +134,17 @@ def read_unit(settings: CompareSettings, workdir: Path, variant: Variant, seed: 
             m[f"finetune/{ft.name}"] = results["best"]["score"]
             m["finetune/majority"] = results["baseline"]["dev"][results["main_metric"]]
     return result
+
+
+def layer_mean(unit: UnitResult, name: str) -> list[tuple[int, float]]:
+    """The series ``name`` of :data:`TRACKED` averaged over the MoE layers, at the steps every
+    layer logged it ([] when the variant never logs it)."""
+    layers = unit.layer_series.get(name, {})
+    if not layers:
+        return []
+    by_step = [dict(series) for series in layers.values()]
+    steps = sorted(set.intersection(*(set(d) for d in by_step)))
+    return [(step, mean(d[step] for d in by_step)) for step in steps]
 
 
 def read_all(settings: CompareSettings, workdir: Path) -> list[UnitResult]:

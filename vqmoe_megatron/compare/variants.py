@@ -47,9 +47,16 @@ class Variant:
 
     def pretrain_settings(self, steps: int) -> list[str]:
         """The variant's overrides for a run of ``steps`` optimizer steps."""
+        last_tenth = f"moe.discrete_phase_start={steps - steps // 10 + 1}"
         budget = {
             "stablemoe": [f"moe.stablemoe_stage1_steps={max(1, steps // 10)}"],
             "smoe_dropout": [f"moe.smoe_dropout_ramp_steps={steps}"],
+            "vqmoe_gate_push": [
+                f"moe.gate_discrete_start={steps // 2}",
+                f"moe.gate_discrete_ramp_steps={max(1, steps // 4)}",
+            ],
+            "vqmoe_discrete_phase": [last_tenth],
+            "vqmoe_align_phase": [last_tenth],
         }
         return [*budget.get(self.name, []), *self.settings]
 
@@ -95,7 +102,47 @@ VARIANTS: dict[str, Variant] = {
             evaluations=VQ_BOTH_MODES,
             ablation_of="vqmoe",
         ),
+        Variant(
+            "vqmoe_align",
+            "VQMoE + router alignment loss (router learns the nearest code's expert)",
+            ("moe.router=vqmoe", "moe.router_alignment_coeff=0.1"),
+            evaluations=VQ_BOTH_MODES,
+            ablation_of="vqmoe",
+        ),
+        Variant(
+            "vqmoe_gate_push",
+            "VQMoE + gate loss toward the discrete path from half-way (ramp over a quarter)",
+            ("moe.router=vqmoe", "moe.gate_discrete_coeff=0.1"),
+            evaluations=VQ_BOTH_MODES,
+            ablation_of="vqmoe",
+        ),
+        Variant(
+            "vqmoe_discrete_phase",
+            "VQMoE, the last 10% of the steps routed discretely (router dropped)",
+            ("moe.router=vqmoe",),
+            evaluations=VQ_BOTH_MODES,
+            ablation_of="vqmoe",
+        ),
+        Variant(
+            "vqmoe_align_phase",
+            "VQMoE + router alignment loss + discrete last 10%",
+            ("moe.router=vqmoe", "moe.router_alignment_coeff=0.1"),
+            evaluations=VQ_BOTH_MODES,
+            ablation_of="vqmoe",
+        ),
+        Variant(
+            "vqmoe_kmeans",
+            "VQMoE, codebook initialised by k-means on the first batch",
+            ("moe.router=vqmoe", "moe.codebook_init=kmeans"),
+            evaluations=VQ_BOTH_MODES,
+            ablation_of="vqmoe",
+        ),
         Variant("topk", "SMoE: softmax top-k router (megatron-core)", ("moe.router=topk",)),
+        Variant(
+            "topk2",
+            "SMoE top-2 (twice the expert compute of top-1)",
+            ("moe.router=topk", "moe.topk=2"),
+        ),
         Variant("xmoe", "X-MoE: low-dimensional normalised router", ("moe.router=xmoe",)),
         Variant(
             "stablemoe",
