@@ -8,7 +8,9 @@ interrupted training run saves its step first, so that the rerun resumes from it
 
 from __future__ import annotations
 
+import functools
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -16,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from data_helpers import FIXTURE, tiny_shards, tiny_tokenizer
 from dist_utils import child_env
@@ -24,8 +27,29 @@ from pretrain_helpers import CONFIG, SCRIPT, overrides
 from vqmoe_megatron.checkpoint.training import find_latest
 
 REPO = Path(__file__).resolve().parent.parent
-STARTUP_DELAY_S = 1.0
-"""Well inside the imports of every command (torch alone takes longer), after the guard."""
+
+
+@functools.cache
+def interpreter_startup_cpu_s() -> float:
+    """CPU seconds a bare ``python -c pass`` of this environment takes (site module included)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-c", "pass"], check=True, env=child_env())
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _wait_inside_the_imports(proc: subprocess.Popen) -> None:
+    """Wait until ``proc`` has used 4x the CPU time of the interpreter's own startup: past it
+    (a Ctrl-C there ends Python before any of our code runs) and so past the guard, which every
+    command installs first, yet well inside the imports (torch alone takes far longer). CPU
+    time, not wall time: on a loaded machine the startup alone can take seconds."""
+    threshold = 4 * interpreter_startup_cpu_s()
+    process = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 120
+    while sum(process.cpu_times()[:2]) < threshold:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the command never got past interpreter startup"
+        time.sleep(0.01)
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -74,8 +98,7 @@ COMMANDS = {
 def test_ctrl_c_during_startup(name: str, tmp_path: Path):
     args = [a.replace("{tmp}", str(tmp_path)) for a in COMMANDS[name]]
     proc = _start(args, REPO)
-    time.sleep(STARTUP_DELAY_S)
-    assert proc.poll() is None, proc.communicate()
+    _wait_inside_the_imports(proc)
     _assert_interrupted(proc, *_ctrl_c(proc))
 
 
