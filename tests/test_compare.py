@@ -123,19 +123,19 @@ def test_report_says_where_vqmoe_is_beaten_and_by_how_much():
             "bpb/pretrain": Spread(2.50, 0.01, 3),
             "bpb/discrete": Spread(2.45, 0.01, 3),  # its better mode counts
             "finetune/default": Spread(0.80, 0.01, 3),
-            "tokens_per_s": Spread(1000.0, 10.0, 3),
+            "params/active/as_trained": Spread(1000.0, 0.0, 3),
         },
         "topk": {
             "bpb/pretrain": Spread(2.40, 0.01, 3),  # clearly ahead
             "finetune/default": Spread(0.805, 0.01, 3),  # ahead within the spread
-            "tokens_per_s": Spread(900.0, 10.0, 3),
+            "params/active/as_trained": Spread(900.0, 0.0, 3),
         },
         "hash": {"bpb/pretrain": Spread(2.60, 0.01, 3)},
     }
     lines = "\n".join(where_vqmoe_loses(table))
     assert "VQMoE (2.4500 ± 0.0100) is beaten by `topk` (2.4000 ± 0.0100)." in lines
     assert "`topk` (0.8050 ± 0.0100, within the seed spread)" in lines
-    assert "VQMoE (1000 ± 10) is not beaten here." in lines
+    assert "VQMoE (1000 ± 0) is beaten by `topk` (900 ± 0)." in lines  # fewer active params
     assert "hash" not in lines
     assert where_vqmoe_loses({"topk": table["topk"]}) == [
         "- `vqmoe` was not part of this comparison."

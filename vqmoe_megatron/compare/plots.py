@@ -30,27 +30,33 @@ def _by_variant(units: list[UnitResult]) -> dict[str, list[UnitResult]]:
     return grouped
 
 
-def _mean_curve(ax, name: str, series: list[Series]) -> None:
-    """Plot the mean of seed curves sampled at the same steps, with their min-max band."""
+def _colors(units: list[UnitResult]) -> dict[str, tuple]:
+    """One colour per variant, the same in every plot (in the comparison's order)."""
+    palette = plt.get_cmap("tab20" if len(_by_variant(units)) > 10 else "tab10").colors
+    return {name: palette[i % len(palette)] for i, name in enumerate(_by_variant(units))}
+
+
+def _mean_curve(ax, name: str, series: list[Series], color: tuple) -> None:
+    """Plot the mean of seed curves sampled at the same steps, with their min-max band
+    (nothing when every seed's curve is empty: the variant does not log that series)."""
     series = [s for s in series if s]
     if not series:
         return
     length = min(len(s) for s in series)
     steps = [step for step, _ in series[0][:length]]
     values = np.array([[v for _, v in s[:length]] for s in series])
-    (line,) = ax.plot(steps, values.mean(axis=0), marker=".", label=name)
+    ax.plot(steps, values.mean(axis=0), marker=".", label=name, color=color)
     if len(series) > 1:
-        ax.fill_between(
-            steps, values.min(axis=0), values.max(axis=0), alpha=0.2, color=line.get_color()
-        )
+        ax.fill_between(steps, values.min(axis=0), values.max(axis=0), alpha=0.2, color=color)
 
 
 def _curves_figure(
     units: list[UnitResult], series_of: Callable[[UnitResult], Series], ylabel: str, title: str
 ):
     fig, ax = plt.subplots(figsize=(8, 5))
+    colors = _colors(units)
     for name, seeds in _by_variant(units).items():
-        _mean_curve(ax, name, [series_of(u) for u in seeds])
+        _mean_curve(ax, name, [series_of(u) for u in seeds], colors[name])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -70,9 +76,8 @@ def validation_curves(units: list[UnitResult]):
 
 
 def fluctuation_curves(units: list[UnitResult]):
-    movers = [u for u in units if u.fluctuation]
     return _curves_figure(
-        movers,
+        units,
         lambda u: u.fluctuation,
         "share of held-out tokens whose top-1 expert changed",
         "Routing fluctuation between consecutive checkpoints",
@@ -132,13 +137,14 @@ def vq_routing_curves(units: list[UnitResult]):
         ("agreement", "router top-1 = nearest code's expert", False),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.8), squeeze=False)
+    colors = _colors(units)
     for ax, (name, label, per_code) in zip(axes.flat, panels):
         for variant, seeds in _by_variant(units).items():
             curves = [
                 [(s, v / u.codebook_size if per_code else v) for s, v in layer_mean(u, name)]
                 for u in seeds
             ]
-            _mean_curve(ax, variant, curves)
+            _mean_curve(ax, variant, curves, colors[variant])
         ax.set_ylim(0, 1.05)
         ax.set_xlabel("optimizer step")
         ax.set_title(label, fontsize=10)

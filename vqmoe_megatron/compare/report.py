@@ -28,7 +28,7 @@ HEADLINE = [
 RANKED = [
     ("bpb", "valid bits per byte", False, 4),
     ("finetune/default", "fine-tuned dev score", True, 4),
-    ("tokens_per_s", "pretraining tokens/s", True, 0),
+    ("params/active/as_trained", "active parameters per token as trained (compute)", False, 0),
     ("fluctuation", "routing fluctuation between checkpoints", False, 4),
 ]
 
@@ -228,8 +228,9 @@ def write_report(
         f"{settings.steps} pretraining steps each from `{settings.config}` on `{settings.data_dir}`"
         + (f"; each fine-tuned {settings.finetune_steps} steps on {task}." if task else "."),
         "Numbers are mean ± sample standard deviation over the seeds. Tokens/s are measured "
-        "while the comparison ran (side-by-side runs share the CPU), so compare them only within "
-        "this report.",
+        "while the comparison ran, with `--jobs` runs and anything else on the machine sharing "
+        "the CPU unevenly: they are a sanity check, not a speed ranking (bench/ measures speed "
+        "side by side); active parameters per token are the compute comparison.",
         "",
         "Made by:",
         "",

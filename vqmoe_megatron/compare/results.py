@@ -124,7 +124,7 @@ def read_unit(settings: CompareSettings, workdir: Path, variant: Variant, seed: 
             )
 
     trained = variant.evaluations[0]  # the routing the variant was pretrained with
-    for key in ("bpb", "fluctuation"):
+    for key in ("bpb", "fluctuation", "params/active"):
         if f"{key}/{trained}" in m:
             m[f"{key}/as_trained"] = m[f"{key}/{trained}"]
 
