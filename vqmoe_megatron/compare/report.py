@@ -100,11 +100,18 @@ def finetuning_rows(table: Table) -> list[list[str]]:
     ]
 
 
+def _pair(table: Table, a: tuple[str, str], b: tuple[str, str]) -> Optional[tuple[Spread, Spread]]:
+    """The spreads of metric keys a=(variant, key) and b=(variant, key), None if one is missing."""
+    first, second = table.get(a[0], {}).get(a[1]), table.get(b[0], {}).get(b[1])
+    return None if first is None or second is None else (first, second)
+
+
 def _versus(table: Table, a: tuple[str, str], b: tuple[str, str]) -> str:
     """'mean_a - mean_b (± combined std)' or '–' when either is missing."""
-    first, second = table.get(a[0], {}).get(a[1]), table.get(b[0], {}).get(b[1])
-    if first is None or second is None:
+    pair = _pair(table, a, b)
+    if pair is None:
         return "–"
+    first, second = pair
     return f"{first.mean - second.mean:+.4f} (±{math.hypot(first.std, second.std):.4f})"
 
 
@@ -134,10 +141,11 @@ def router_free_rows(table: Table) -> list[list[str]]:
 
 
 def _difference(table: Table, a: tuple[str, str], b: tuple[str, str]) -> Optional[str]:
-    """'mean_b - mean_a (± combined std)' of metric keys a=(variant, key), b=(variant, key)."""
-    first, second = table.get(a[0], {}).get(a[1]), table.get(b[0], {}).get(b[1])
-    if first is None or second is None:
+    """'a → b (Δ mean_b - mean_a, combined std)' of metric keys a and b, None if one is missing."""
+    pair = _pair(table, a, b)
+    if pair is None:
         return None
+    first, second = pair
     delta = second.mean - first.mean
     return f"{first.format()} → {second.format()} (Δ {delta:+.4f}, seed std {math.hypot(first.std, second.std):.4f})"
 
